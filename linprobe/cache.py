@@ -1,0 +1,176 @@
+"""The feature cache on disk (paper appendix B): extract once, read back many times.
+
+Layout of one cache folder::
+
+    manifest.json                      what is here, and whether each split is complete
+    <split>/rank000-of-001/layer-<name>.npy   (N, D) features of one layer, float32 or float16
+    <split>/rank000-of-001/labels.npy, index.npy   labels and dataset indices of those rows
+
+Each shard is written batch by batch into ``<shard>.partial-<pid>`` and renamed into place only
+once complete, and the manifest is replaced atomically after that, so an interrupted extraction
+is never read as complete. Shards written by several processes (one per rank) combine on read.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from linprobe.atomic import atomic_write_text
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+
+
+class CacheError(RuntimeError):
+    """The cache is missing, incomplete, corrupted or was made for something else."""
+
+
+def shard_name(rank: int, world: int) -> str:
+    """Folder name of one process's shard of a split."""
+    return f"rank{rank:03d}-of-{world:03d}"
+
+
+def _layer_file(layer: str) -> str:
+    return f"layer-{layer.replace(os.sep, '_')}.npy"
+
+
+class ShardWriter:
+    """Writes one shard of a split row block by row block into memory-mapped .npy files."""
+
+    def __init__(self, folder: Path, widths: Mapping[str, int], n: int, dtype: np.dtype) -> None:
+        self.final = folder
+        self.tmp = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
+        self.n, self.pos = n, 0
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp.mkdir(parents=True)
+        self.arrays: dict[str, np.memmap] = {}
+        self.hashes: dict[str, Any] = {}
+        for name, width in widths.items():
+            self._open(_layer_file(name), (n, width), dtype)
+        self._open("labels.npy", (n,), np.dtype(np.int64))
+        self._open("index.npy", (n,), np.dtype(np.int64))
+
+    def _open(self, file: str, shape: tuple[int, ...], dtype: np.dtype) -> None:
+        self.arrays[file] = np.lib.format.open_memmap(self.tmp / file, mode="w+", dtype=dtype, shape=shape)
+        self.hashes[file] = hashlib.sha256()
+
+    def write(self, features: Mapping[str, torch.Tensor], labels: torch.Tensor, index: torch.Tensor) -> None:
+        """Append one batch: features (B, D) per layer, labels (B,), dataset indices (B,)."""
+        b = len(labels)
+        if self.pos + b > self.n:
+            raise CacheError(f"more samples than announced ({self.pos + b} > {self.n}): the data changed length")
+        blocks = {_layer_file(k): v for k, v in features.items()}
+        blocks["labels.npy"], blocks["index.npy"] = labels, index
+        for file, block in blocks.items():
+            arr = self.arrays[file]
+            data = np.ascontiguousarray(block.detach().cpu().numpy().astype(arr.dtype, copy=False))
+            arr[self.pos:self.pos + b] = data
+            self.hashes[file].update(data.data)
+        self.pos += b
+
+    def commit(self) -> dict[str, Any]:
+        """Flush, check the row count, and move the shard into place; returns its manifest entry."""
+        if self.pos != self.n:
+            raise CacheError(f"extraction wrote {self.pos} of {self.n} samples (a DataLoader with drop_last?); "
+                             "probe data must cover every sample")
+        for arr in self.arrays.values():
+            arr.flush()
+        self.arrays.clear()
+        shutil.rmtree(self.final, ignore_errors=True)
+        os.replace(self.tmp, self.final)
+        return {"name": self.final.name, "rows": self.n,
+                "sha256": {f: h.hexdigest() for f, h in self.hashes.items()}}
+
+    def abort(self) -> None:
+        """Drop a half-written shard."""
+        self.arrays.clear()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+class FeatureCache:
+    """One cache folder for one (model, layers, reductions) key: read, write and validate splits."""
+
+    def __init__(self, root: str | Path, key: str) -> None:
+        self.root = Path(root)
+        self.key = key
+        path = self.root / MANIFEST
+        self.manifest: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {
+            "version": FORMAT_VERSION, "key": key, "layers": {}, "order": [], "splits": {}}
+        if self.manifest.get("key") != key:
+            raise CacheError(f"{self.root} holds features of a different model, layer set or reduction "
+                             f"(key {self.manifest.get('key')} != {key}); delete the folder or choose another")
+
+    @property
+    def layers(self) -> dict[str, dict[str, Any]]:
+        """Per-layer metadata: raw shape, reduction (as a dict) and stored width."""
+        return self.manifest["layers"]
+
+    def set_layers(self, order: list[str], layers: Mapping[str, dict[str, Any]]) -> None:
+        """Record the layer metadata once (later splits must reuse the same reductions)."""
+        self.manifest["order"], self.manifest["layers"] = list(order), dict(layers)
+        self._save()
+
+    def is_complete(self, split: str, data_fingerprint: str) -> bool:
+        """True when ``split`` was fully extracted from the same data."""
+        entry = self.manifest["splits"].get(split)
+        return bool(entry and entry["complete"] and entry["data"] == data_fingerprint
+                    and all((self.root / split / s["name"]).is_dir() for s in entry["shards"]))
+
+    def writer(self, split: str, n: int, *, dtype: str = "float32", rank: int = 0, world: int = 1) -> ShardWriter:
+        """A writer for this process's shard of ``split`` (``n`` rows)."""
+        widths = {name: meta["features"] for name, meta in self.layers.items()}
+        return ShardWriter(self.root / split / shard_name(rank, world), widths, n, np.dtype(dtype))
+
+    def complete(self, split: str, data_fingerprint: str, shards: list[dict[str, Any]], **stats: Any) -> None:
+        """Mark ``split`` complete with its shards; the manifest is replaced atomically."""
+        self.manifest["splits"][split] = {"complete": True, "data": data_fingerprint, "shards": shards,
+                                          "rows": sum(s["rows"] for s in shards), **stats}
+        self._save()
+
+    def _save(self) -> None:
+        atomic_write_text(self.root / MANIFEST, json.dumps(self.manifest, indent=1))
+
+    def _entry(self, split: str) -> dict[str, Any]:
+        entry = self.manifest["splits"].get(split)
+        if not entry or not entry["complete"]:
+            raise CacheError(f"split {split!r} is not (completely) extracted in {self.root}")
+        return entry
+
+    def _read(self, split: str, file: str, verify: bool) -> np.ndarray:
+        """One file of every shard, concatenated in dataset order."""
+        parts, order = [], []
+        for shard in self._entry(split)["shards"]:
+            folder = self.root / split / shard["name"]
+            arr = np.load(folder / file, mmap_mode="r")
+            if verify and hashlib.sha256(np.ascontiguousarray(arr).data).hexdigest() != shard["sha256"][file]:
+                raise CacheError(f"{folder / file} does not match its checksum (truncated or modified); "
+                                 f"delete {self.root} and extract again")
+            parts.append(arr)
+            order.append(np.load(folder / "index.npy", mmap_mode="r"))
+        if len(parts) == 1:
+            return parts[0]
+        return np.concatenate(parts)[np.argsort(np.concatenate(order), kind="stable")]
+
+    def features(self, split: str, layer: str, *, verify: bool = True) -> np.ndarray:
+        """The (N, D) features of ``layer`` on ``split`` (memory-mapped when there is one shard)."""
+        if layer not in self.layers:
+            raise CacheError(f"layer {layer!r} is not in the cache; cached: {list(self.layers)}")
+        return self._read(split, _layer_file(layer), verify)
+
+    def labels(self, split: str, *, verify: bool = True) -> np.ndarray:
+        """The (N,) int64 labels of ``split``."""
+        return self._read(split, "labels.npy", verify)
+
+    def chunks(self, split: str, layer: str, rows: int = 8192) -> Iterator[np.ndarray]:
+        """The features of ``layer`` in row blocks, for streaming statistics."""
+        x = self.features(split, layer, verify=False)
+        for i in range(0, len(x), rows):
+            yield x[i:i + rows]

@@ -1,0 +1,148 @@
+"""Probing a finished model: extract every tap once into the cache, fit each probe to convergence.
+
+The L2 of each probe is chosen on the validation split; test labels are read only after every
+probe is fixed, for one final evaluation.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from collections.abc import Mapping
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from linprobe.cache import FeatureCache
+from linprobe.data import as_dataset, fingerprint
+from linprobe.extract import extract_split, model_device
+from linprobe.metrics import chance_error, classification_metrics
+from linprobe.probes import LinearProbe, ProbeBank
+from linprobe.reduce import DEFAULT_FEATURE_BUDGET, ReduceSpec, Reduction, Standardizer, reduction_from_dict, resolve_reductions
+from linprobe.results import LayerInfo, ProbeResult
+from linprobe.solvers import DEFAULT_L2_PATH
+from linprobe.taps import LayerSpec, Selector, Taps, TokenReduction, frozen
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """A digest of the model's class and every parameter and buffer: a new checkpoint, a new key."""
+    h = hashlib.sha256(type(model).__qualname__.encode())
+    for name, t in model.state_dict().items():
+        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def cache_key(model: nn.Module, layers: list[str], reduce: Any, **options: Any) -> str:
+    """The cache folder name: everything that changes the stored features, hashed."""
+    spec = {"model": model_fingerprint(model), "layers": layers, "reduce": _spec_json(reduce), **options}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _spec_json(reduce: Any) -> Any:
+    if isinstance(reduce, Reduction):
+        return reduce.to_dict()
+    if isinstance(reduce, Mapping):
+        return {k: _spec_json(v) for k, v in reduce.items()}
+    return reduce
+
+
+def probe(model: nn.Module, train: Any, valid: Any, test: Any = None, *, layers: LayerSpec = "all",
+          cache_dir: str | Path | None = None, out_dir: str | Path | None = None, reduce: ReduceSpec = "auto",
+          feature_budget: int = DEFAULT_FEATURE_BUDGET, dtype: str = "float32",
+          l2_path: tuple[float, ...] = DEFAULT_L2_PATH, batch_size: int = 256, seed: int = 0,
+          select: Selector | Mapping[str, Selector] | None = None, tokens: TokenReduction = None,
+          repeat: str = "error", step: int = 0, progress: bool = True, plot: bool = True) -> ProbeResult:
+    """Probe every chosen layer of a finished model: train / valid (/ test) error, top-5, cross-entropy.
+
+    Data are Datasets, DataLoaders or ``(x, y)`` arrays. Features are cached under
+    ``cache_dir/features/<key>`` (a temporary folder when ``cache_dir`` is None) and reused when the
+    model, layers, reductions and data are the same. Results (``results.csv``, ``results.json``,
+    ``errors.png``, ``probes/``) go to ``out_dir``, else ``cache_dir``. The model is run in eval
+    mode under ``no_grad`` and its modes are restored afterwards.
+    """
+    splits = {"train": as_dataset(train), "valid": as_dataset(valid)}
+    if test is not None:
+        splits["test"] = as_dataset(test)
+    with ExitStack() as stack:
+        root = Path(cache_dir) if cache_dir is not None else Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        taps = stack.enter_context(Taps(model, layers, select=select, tokens=tokens, repeat=repeat))  # type: ignore[arg-type]
+        key = cache_key(model, taps.names, reduce, budget=feature_budget, seed=seed, dtype=dtype,
+                        tokens=tokens, select=getattr(select, "__qualname__", select), repeat=repeat)
+        cache = FeatureCache(root / "features" / key, key)
+        stats = _extract_all(taps, splits, cache, reduce, feature_budget, seed, dtype, batch_size, progress)
+        result, bank = _fit_all(cache, "test" in splits, l2_path, model_device(model), step, progress)
+        result.meta.update(cache=str(cache.root), extraction_samples_per_s=stats, model=type(model).__name__)
+        out = out_dir if out_dir is not None else cache_dir
+        if out is not None:
+            _save(result, bank, Path(out), plot and "test" in splits)
+    result.probes = bank  # type: ignore[attr-defined]
+    return result
+
+
+def _extract_all(taps: Taps, splits: Mapping[str, Any], cache: FeatureCache, reduce: ReduceSpec, budget: int,
+                 seed: int, dtype: str, batch_size: int, progress: bool) -> dict[str, float]:
+    """Extract the splits not already complete in the cache; returns samples/s per extracted split."""
+    def reductions(raw: dict[str, torch.Tensor]) -> dict[str, Reduction]:
+        if cache.layers:  # a later split, or a resumed run: the saved reductions, never re-drawn
+            return {n: reduction_from_dict(cache.layers[n]["reduction"]) for n in cache.manifest["order"]}
+        shapes = {n: tuple(h.shape[1:]) for n, h in raw.items()}
+        chosen = resolve_reductions(reduce, shapes, budget=budget, seed=seed)
+        cache.set_layers(list(raw), {n: {"shape": list(shapes[n]), "reduction": r.to_dict(),
+                                         "features": r.out_features(shapes[n])} for n, r in chosen.items()})
+        return chosen
+
+    speeds = {}
+    with frozen(taps.model):
+        for split, data in splits.items():
+            fp = fingerprint(data)
+            if not cache.is_complete(split, fp):
+                speeds[split] = extract_split(taps, data, cache, split, data_fingerprint=fp, reductions=reductions,
+                                              batch_size=batch_size, dtype=dtype, progress=progress)
+    return speeds
+
+
+def _load(cache: FeatureCache, split: str, layer: str, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(cache.features(split, layer), dtype=np.float32)).to(device)
+
+
+def _labels(cache: FeatureCache, split: str, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(cache.labels(split))).to(device)
+
+
+def _fit_all(cache: FeatureCache, has_test: bool, l2_path: tuple[float, ...], device: torch.device, step: int,
+             progress: bool) -> tuple[ProbeResult, ProbeBank]:
+    """Fit one probe per cached layer (L2 chosen on valid), then evaluate every probe once on test."""
+    y_train, y_valid = _labels(cache, "train", device), _labels(cache, "valid", device)
+    num_classes = int(y_train.max()) + 1
+    result, bank = ProbeResult([]), ProbeBank()
+    for name in tqdm(cache.manifest["order"], desc="fit probes", disable=not progress, leave=False):
+        meta = cache.layers[name]
+        probe = LinearProbe(name, reduction_from_dict(meta["reduction"]), meta["features"], num_classes).to(device)
+        x_train, x_valid = _load(cache, "train", name, device), _load(cache, "valid", name, device)
+        probe.fit(x_train, y_train, x_valid, y_valid, l2_path=l2_path,
+                  standardizer=Standardizer.fit(cache.chunks("train", name)))
+        result.layers.append(LayerInfo(name, tuple(meta["shape"]), int(np.prod(meta["shape"])), meta["features"],
+                                       meta["reduction"], chance_error(y_train, num_classes), probe.l2))
+        for split, x, y in (("train", x_train, y_train), ("valid", x_valid, y_valid)):
+            result.add(step, name, split, classification_metrics(probe.logits(probe.standardize(x)), y))
+        bank.append(probe)
+    if has_test:  # the first and only read of the test labels, after every probe is chosen
+        y_test = _labels(cache, "test", device)
+        for probe in bank:
+            logits = probe.logits(probe.standardize(_load(cache, "test", probe.layer, device)))
+            result.add(step, probe.layer, "test", classification_metrics(logits, y_test))
+    return result, bank
+
+
+def _save(result: ProbeResult, bank: ProbeBank, out: Path, plot: bool) -> None:
+    result.save(out)
+    bank.save(out / "probes")
+    if plot:
+        result.plot(out / "errors.png")

@@ -1,0 +1,42 @@
+"""Figures: probe error per layer with the chance line (matplotlib, no screen needed)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+if TYPE_CHECKING:
+    from linprobe.results import ProbeResult
+
+
+def save_figure(fig: Any, path: str | Path) -> Path:
+    """Save a figure as PNG through a temporary file, so no half-written image is left behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    tmp.replace(path)
+    plt.close(fig)
+    return path
+
+
+def plot_layer_errors(result: ProbeResult, path: str | Path | None = None, *, split: str = "test",
+                      step: int | None = None, title: str | None = None) -> Any:
+    """Bar chart of top-1 error per layer on ``split`` (0 to 1) with the chance level dotted."""
+    errors = result.errors(split, step=step)
+    names = list(errors)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * len(names) + 2), 4))
+    ax.bar(range(len(names)), list(errors.values()), color="tab:blue")
+    chance = max(info.chance_error for info in result.layers)
+    ax.axhline(chance, linestyle=":", color="black", label=f"chance ({chance:.2f})")
+    ax.set_xticks(range(len(names)), names, rotation=60 if len(names) < 40 else 90, ha="right",
+                  fontsize=8 if len(names) < 40 else 5)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel(f"{split} error (linear probe)")
+    ax.set_title(title or f"probe {split} error per layer")
+    ax.legend(loc="upper right")
+    return save_figure(fig, path) if path is not None else fig

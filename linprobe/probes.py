@@ -1,0 +1,119 @@
+"""Probes: softmax(W h + b) on the frozen features of one layer, and a bank of them over many layers.
+
+A ``LinearProbe`` holds everything needed to read a layer's raw output: the reduction, the
+training-split standardisation and the weights. Its ``forward`` detaches its input, so no caller
+can send a gradient into the model through it.
+"""
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from linprobe.atomic import atomic_write_bytes, atomic_write_text
+from linprobe.reduce import Reduction, Standardizer, reduction_from_dict
+from linprobe.solvers import DEFAULT_L2_PATH, PathResult, fit_l2_path
+
+
+class LinearProbe(nn.Module):
+    """A multinomial logistic regression on one layer's (reduced, standardised) features."""
+
+    def __init__(self, layer: str, reduction: Reduction, in_features: int, num_classes: int) -> None:
+        super().__init__()
+        self.layer, self.reduction, self.num_classes = layer, reduction, num_classes
+        self.weight = nn.Parameter(torch.zeros(in_features, num_classes))
+        self.bias = nn.Parameter(torch.zeros(num_classes))
+        self.register_buffer("mean", torch.zeros(in_features))
+        self.register_buffer("std", torch.ones(in_features))
+        self.l2: float | None = None
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits for a batch of raw layer outputs (B, ...); the input is detached first."""
+        return self.logits(self.standardize(self.reduction(h.detach())))
+
+    def standardize(self, x: torch.Tensor) -> torch.Tensor:
+        """Centre and scale reduced features with the training statistics."""
+        return (x - self.mean) / self.std
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits for already reduced and standardised features (N, D)."""
+        return x @ self.weight + self.bias
+
+    @torch.no_grad()
+    def fit(self, x_train: torch.Tensor, y_train: torch.Tensor, x_valid: torch.Tensor, y_valid: torch.Tensor, *,
+            l2_path: tuple[float, ...] = DEFAULT_L2_PATH, standardizer: Standardizer | None = None) -> PathResult:
+        """Fit to convergence along the L2 path on reduced features; the L2 is chosen on valid only."""
+        std = standardizer or Standardizer.fit([x_train])
+        self.mean.copy_(std.mean), self.std.copy_(std.std)
+        path = fit_l2_path(self.standardize(x_train.float()), y_train, self.standardize(x_valid.float()), y_valid,
+                           self.num_classes, l2_path=l2_path)
+        self.weight.copy_(path.best.weights.W), self.bias.copy_(path.best.weights.b)
+        self.l2 = path.best_l2
+        return path
+
+    def config(self) -> dict[str, Any]:
+        """What is needed to rebuild this probe, JSON-ready."""
+        return {"layer": self.layer, "reduction": self.reduction.to_dict(), "in_features": self.weight.shape[0],
+                "num_classes": self.num_classes, "l2": self.l2}
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> LinearProbe:
+        probe = cls(cfg["layer"], reduction_from_dict(cfg["reduction"]), cfg["in_features"], cfg["num_classes"])
+        probe.l2 = cfg["l2"]
+        return probe
+
+
+class ProbeBank(nn.Module):
+    """Probes keyed by layer, iterable in execution order like a sequence of layers."""
+
+    def __init__(self, probes: list[LinearProbe] | None = None) -> None:
+        super().__init__()
+        self.probes = nn.ModuleList(probes or [])
+
+    def __len__(self) -> int:
+        return len(self.probes)
+
+    def __iter__(self) -> Iterator[LinearProbe]:
+        return iter(self.probes)
+
+    def __getitem__(self, key: int | str) -> LinearProbe:
+        if isinstance(key, int):
+            return self.probes[key]
+        for p in self.probes:
+            if p.layer == key:
+                return p
+        raise KeyError(f"no probe on layer {key!r}; probed layers: {self.layers}")
+
+    @property
+    def layers(self) -> list[str]:
+        return [p.layer for p in self.probes]
+
+    def append(self, probe: LinearProbe) -> None:
+        self.probes.append(probe)
+
+    def forward(self, features: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Logits of every probe from a ``Taps.features``-like mapping of raw layer outputs."""
+        return {p.layer: p(features[p.layer]) for p in self.probes}
+
+    def save(self, folder: str | Path) -> Path:
+        """Write ``config.json`` and ``params.pt`` (atomically) into ``folder``."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(folder / "config.json", json.dumps([p.config() for p in self.probes], indent=1))
+        buf = io.BytesIO()
+        torch.save(self.state_dict(), buf)
+        atomic_write_bytes(folder / "params.pt", buf.getvalue())
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path, map_location: str | torch.device = "cpu") -> ProbeBank:
+        """Rebuild a bank written by ``save``."""
+        folder = Path(folder)
+        bank = cls([LinearProbe.from_config(c) for c in json.loads((folder / "config.json").read_text())])
+        bank.load_state_dict(torch.load(folder / "params.pt", map_location=map_location, weights_only=True))
+        return bank

@@ -1,0 +1,261 @@
+"""Feature reductions for big layers (paper section 3.4) and standardisation with training statistics.
+
+A reduction maps a batch of layer outputs (B, ...) to a (B, D) float32 matrix. Its random parts
+(subset indices, projection seed) are fixed when it is made and saved with the results, so the
+same features are probed at every checkpoint.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import zlib
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+DEFAULT_FEATURE_BUDGET = 8192
+
+
+@dataclass(frozen=True)
+class Reduction(ABC):
+    """A per-layer map from (B, *shape) outputs to (B, D) float32 features."""
+
+    kind: ClassVar[str]
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        return self.apply(h.float()).reshape(h.shape[0], -1)
+
+    @abstractmethod
+    def apply(self, h: torch.Tensor) -> torch.Tensor:
+        """Reduce a float batch; the result is flattened by ``__call__``."""
+
+    @abstractmethod
+    def out_features(self, shape: Sequence[int]) -> int:
+        """Number of features produced for one sample of the given shape."""
+
+    def describe(self) -> str:
+        """A short human-readable account, shown in result tables."""
+        return self.kind
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form; ``reduction_from_dict`` inverts it."""
+        return {"kind": self.kind, **asdict(self)}
+
+
+@dataclass(frozen=True)
+class Flatten(Reduction):
+    """No reduction: every feature of the layer."""
+
+    kind: ClassVar[str] = "none"
+
+    def apply(self, h: torch.Tensor) -> torch.Tensor:
+        return h
+
+    def out_features(self, shape: Sequence[int]) -> int:
+        return math.prod(shape)
+
+
+@dataclass(frozen=True)
+class Pool(Reduction):
+    """Average pooling per channel of a (C, H, W) or (C, L) map to ``size`` (1: one number per channel)."""
+
+    size: tuple[int, ...] = (1,)
+
+    kind: ClassVar[str] = "pool"
+
+    def apply(self, h: torch.Tensor) -> torch.Tensor:
+        if h.dim() == 4:
+            return F.adaptive_avg_pool2d(h, _pair(self.size))
+        if h.dim() == 3:
+            return F.adaptive_avg_pool1d(h, self.size[0])
+        raise ValueError(f"pooling needs a (C, H, W) or (C, L) output, got per-sample shape {tuple(h.shape[1:])}; "
+                         "use 'subset:K' or 'project:K' for this layer")
+
+    def out_features(self, shape: Sequence[int]) -> int:
+        if len(shape) not in (2, 3):
+            raise ValueError(f"pooling needs a (C, H, W) or (C, L) output, got per-sample shape {tuple(shape)}")
+        return shape[0] * math.prod(_pair(self.size) if len(shape) == 3 else self.size[:1])
+
+    def describe(self) -> str:
+        return "pool " + "x".join(map(str, self.size))
+
+
+@dataclass(frozen=True)
+class Subset(Reduction):
+    """A fixed, seeded random subset of the flattened features (the paper's Inception v3 recipe)."""
+
+    indices: tuple[int, ...]
+    in_features: int
+    seed: int
+
+    kind: ClassVar[str] = "subset"
+
+    @classmethod
+    def random(cls, in_features: int, k: int, seed: int) -> Subset:
+        """``k`` distinct indices drawn with a private generator, sorted for sequential reads."""
+        g = torch.Generator().manual_seed(seed)
+        idx = torch.randperm(in_features, generator=g)[: min(k, in_features)].sort().values
+        return cls(tuple(idx.tolist()), in_features, seed)
+
+    def apply(self, h: torch.Tensor) -> torch.Tensor:
+        flat = h.reshape(h.shape[0], -1)
+        _check_width(flat.shape[1], self.in_features, self)
+        return flat[:, _index_tensor(self.indices, flat.device)]
+
+    def out_features(self, shape: Sequence[int]) -> int:
+        return len(self.indices)
+
+    def describe(self) -> str:
+        return f"subset {len(self.indices)}/{self.in_features}"
+
+
+@dataclass(frozen=True)
+class Project(Reduction):
+    """A seeded Gaussian random projection to ``out_dim`` features (Johnson-Lindenstrauss scaling)."""
+
+    in_features: int
+    out_dim: int
+    seed: int
+
+    kind: ClassVar[str] = "project"
+
+    def apply(self, h: torch.Tensor) -> torch.Tensor:
+        flat = h.reshape(h.shape[0], -1)
+        _check_width(flat.shape[1], self.in_features, self)
+        return flat @ _projection(self.in_features, self.out_dim, self.seed, flat.device)
+
+    def out_features(self, shape: Sequence[int]) -> int:
+        return self.out_dim
+
+    def describe(self) -> str:
+        return f"project {self.in_features}->{self.out_dim}"
+
+
+_KINDS: dict[str, type[Reduction]] = {c.kind: c for c in (Flatten, Pool, Subset, Project)}
+
+
+def reduction_from_dict(d: Mapping[str, Any]) -> Reduction:
+    """Rebuild a reduction saved by ``Reduction.to_dict`` (lists back to tuples)."""
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k != "kind"}
+    return _KINDS[d["kind"]](**fields)
+
+
+def layer_seed(seed: int, layer: str) -> int:
+    """A per-layer seed, stable across runs and processes, so layers get different subsets."""
+    return (seed * 1_000_003 + zlib.crc32(layer.encode())) % 2**31
+
+
+def auto_reduction(shape: Sequence[int], *, budget: int = DEFAULT_FEATURE_BUDGET, seed: int = 0) -> Reduction:
+    """The default policy: keep layers within ``budget`` features whole; pool feature maps by the
+    smallest integer factor that fits (per-channel averages at most); otherwise a random subset."""
+    n = math.prod(shape)
+    if n <= budget:
+        return Flatten()
+    if len(shape) in (2, 3) and shape[0] <= budget:
+        spatial = shape[1:]
+        for factor in range(2, max(spatial) + 1):
+            size = tuple(math.ceil(s / factor) for s in spatial)
+            if shape[0] * math.prod(size) <= budget:
+                return Pool(size)
+    return Subset.random(n, budget, seed)
+
+
+def parse_reduction(spec: str | Reduction, shape: Sequence[int], *, budget: int = DEFAULT_FEATURE_BUDGET,
+                    seed: int = 0) -> Reduction:
+    """A reduction from ``"auto"``, ``"none"``, ``"pool"``, ``"pool:K"``, ``"subset:K"``, ``"project:K"`` or an instance."""
+    if isinstance(spec, Reduction):
+        return spec
+    kind, _, arg = spec.partition(":")
+    n = math.prod(shape)
+    if kind == "auto" and not arg:
+        return auto_reduction(shape, budget=budget, seed=seed)
+    if kind == "none" and not arg:
+        return Flatten()
+    if kind == "pool":
+        return Pool((int(arg),) * max(len(shape) - 1, 1) if arg else (1,))
+    if kind == "subset" and arg.isdigit():
+        return Subset.random(n, int(arg), seed)
+    if kind == "project" and arg.isdigit():
+        return Project(n, int(arg), seed)
+    raise ValueError(f"unknown reduction {spec!r}: use 'auto', 'none', 'pool', 'pool:K', 'subset:K' or 'project:K'")
+
+
+ReduceSpec = str | Reduction | Mapping[str, str | Reduction]
+
+
+def resolve_reductions(spec: ReduceSpec, shapes: Mapping[str, Sequence[int]], *, budget: int = DEFAULT_FEATURE_BUDGET,
+                       seed: int = 0) -> dict[str, Reduction]:
+    """One reduction per layer from a global spec or a per-layer mapping (unlisted layers: ``"auto"``)."""
+    if isinstance(spec, Mapping):
+        unknown = set(spec) - set(shapes)
+        if unknown:
+            raise ValueError(f"reduce names layers that are not probed: {sorted(unknown)}; probed: {list(shapes)}")
+    per_layer = spec if isinstance(spec, Mapping) else dict.fromkeys(shapes, spec)
+    out = {}
+    for name, shape in shapes.items():
+        r = parse_reduction(per_layer.get(name, "auto"), shape, budget=budget, seed=layer_seed(seed, name))
+        r.out_features(shape)  # validates the reduction against the layer's shape now, not mid-extraction
+        out[name] = r
+    return out
+
+
+@dataclass
+class Standardizer:
+    """Per-feature centring and scaling with statistics of the training split only.
+
+    Features that are constant (to float32 precision) get scale 1, so they become zeros instead
+    of a division by zero.
+    """
+
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    @classmethod
+    def fit(cls, chunks: Iterable[np.ndarray | torch.Tensor]) -> Standardizer:
+        """Streamed mean and standard deviation in float64 (Chan's pairwise update), chunk by chunk."""
+        n, mean, m2 = 0, None, None
+        for chunk in chunks:
+            x = torch.as_tensor(np.asarray(chunk), dtype=torch.float64)
+            k, mu = x.shape[0], x.mean(0)
+            c2 = ((x - mu) ** 2).sum(0)
+            if mean is None:
+                n, mean, m2 = k, mu, c2
+                continue
+            delta = mu - mean
+            mean = mean + delta * k / (n + k)
+            m2 = m2 + c2 + delta**2 * n * k / (n + k)
+            n += k
+        if mean is None:
+            raise ValueError("cannot standardise an empty training split")
+        std = (m2 / max(n, 1)).sqrt()
+        constant = std <= 1e-6 * mean.abs() + 1e-12
+        return cls(mean.float(), torch.where(constant, torch.ones_like(std), std).float())
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.float() - self.mean.to(x.device)) / self.std.to(x.device)
+
+
+def _pair(size: tuple[int, ...]) -> tuple[int, int]:
+    return (size[0], size[0]) if len(size) == 1 else (size[0], size[1])
+
+
+def _check_width(got: int, expected: int, r: Reduction) -> None:
+    if got != expected:
+        raise ValueError(f"{r.describe()} was made for {expected} features but the layer now has {got}: "
+                         "the layer changed shape; delete the saved reductions to re-draw them")
+
+
+@functools.lru_cache(maxsize=64)
+def _index_tensor(indices: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    return torch.tensor(indices, dtype=torch.long, device=device)
+
+
+@functools.lru_cache(maxsize=16)
+def _projection(d_in: int, d_out: int, seed: int, device: torch.device) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(d_in, d_out, generator=g) / math.sqrt(d_out)).to(device)

@@ -1,0 +1,130 @@
+"""Probe results: per-layer facts plus one tidy table (step, layer, split, metric, value)."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from linprobe.atomic import atomic_write_text
+
+COLUMNS = ("step", "layer", "split", "metric", "value")
+
+
+@dataclass
+class LayerInfo:
+    """What was probed at one layer: its shape, how it was reduced, the chosen L2 and chance level."""
+
+    name: str
+    shape: tuple[int, ...]
+    features_in: int
+    features_out: int
+    reduction: dict[str, Any]
+    chance_error: float
+    l2: float | None = None
+
+
+@dataclass
+class Row:
+    """One measurement of the tidy table."""
+
+    step: int
+    layer: str
+    split: str
+    metric: str
+    value: float
+
+
+@dataclass
+class ProbeResult:
+    """Everything one probing run measured, in execution order of the layers."""
+
+    layers: list[LayerInfo]
+    rows: list[Row] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def add(self, step: int, layer: str, split: str, metrics: dict[str, float]) -> None:
+        """Append one row per metric."""
+        self.rows.extend(Row(step, layer, split, k, float(v)) for k, v in metrics.items())
+
+    @property
+    def names(self) -> list[str]:
+        """Layer names in execution order."""
+        return [info.name for info in self.layers]
+
+    @property
+    def steps(self) -> list[int]:
+        """The distinct steps measured, ascending."""
+        return sorted({r.step for r in self.rows})
+
+    def value(self, layer: str, split: str, metric: str = "top1_error", step: int | None = None) -> float:
+        """One number of the table (``step`` defaults to the last one measured)."""
+        step = self.steps[-1] if step is None else step
+        for r in self.rows:
+            if (r.step, r.layer, r.split, r.metric) == (step, layer, split, metric):
+                return r.value
+        raise KeyError(f"no {metric} for layer {layer!r} on {split!r} at step {step}")
+
+    def errors(self, split: str = "test", metric: str = "top1_error", step: int | None = None) -> dict[str, float]:
+        """``metric`` per layer on ``split``, in execution order."""
+        return {n: self.value(n, split, metric, step) for n in self.names}
+
+    def table(self, step: int | None = None) -> str:
+        """A fixed-width text table, one row per layer: size, reduction, L2, chance and errors per split."""
+        step = self.steps[-1] if step is None else step
+        splits = [s for s in ("train", "valid", "test") if any(r.split == s and r.step == step for r in self.rows)]
+        metrics = [m for m in ("top1_error", "top5_error", "cross_entropy") if any(r.metric == m for r in self.rows)]
+        head = ["layer", "shape", "features", "reduction", "l2", "chance"] + [
+            f"{s} {m.replace('_error', '').replace('cross_entropy', 'ce')}" for m in metrics for s in splits]
+        lines = []
+        for info in self.layers:
+            have = {(r.split, r.metric): r.value for r in self.rows if r.step == step and r.layer == info.name}
+            cells = [info.name, "x".join(map(str, info.shape)), f"{info.features_in}->{info.features_out}",
+                     _describe(info.reduction), "-" if info.l2 is None else f"{info.l2:.0e}", f"{info.chance_error:.3f}"]
+            cells += [f"{have[(s, m)]:.4f}" if (s, m) in have else "-" for m in metrics for s in splits]
+            lines.append(cells)
+        widths = [max(len(c) for c in col) for col in zip(head, *lines)]
+        return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in [head, *lines])
+
+    def to_csv(self) -> str:
+        """The tidy table as CSV text."""
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(COLUMNS)
+        w.writerows((r.step, r.layer, r.split, r.metric, repr(r.value)) for r in self.rows)
+        return buf.getvalue()
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form, inverted by ``from_dict``."""
+        return {"layers": [asdict(i) for i in self.layers], "rows": [asdict(r) for r in self.rows], "meta": self.meta}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ProbeResult:
+        layers = [LayerInfo(**{**i, "shape": tuple(i["shape"])}) for i in d["layers"]]
+        return cls(layers, [Row(**r) for r in d["rows"]], d.get("meta", {}))
+
+    def save(self, folder: str | Path) -> Path:
+        """Write ``results.csv`` and ``results.json`` into ``folder`` atomically; returns the folder."""
+        folder = Path(folder)
+        atomic_write_text(folder / "results.csv", self.to_csv())
+        atomic_write_text(folder / "results.json", json.dumps(self.to_dict(), indent=1))
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path) -> ProbeResult:
+        """Read back what ``save`` wrote."""
+        return cls.from_dict(json.loads((Path(folder) / "results.json").read_text()))
+
+    def plot(self, path: str | Path | None = None, *, split: str = "test", step: int | None = None) -> Any:
+        """Error per layer with the chance line (see ``linprobe.plots.plot_layer_errors``)."""
+        from linprobe.plots import plot_layer_errors
+
+        return plot_layer_errors(self, path, split=split, step=step)
+
+
+def _describe(reduction: dict[str, Any]) -> str:
+    from linprobe.reduce import reduction_from_dict
+
+    return reduction_from_dict(reduction).describe()

@@ -1,0 +1,259 @@
+"""Convex solver for linear probes: multinomial logistic regression fitted to convergence.
+
+A probe is ``softmax(h @ W + b)`` on cached, standardised float32 features ``h`` of one layer.
+For a given L2 strength the objective is
+
+    f(W, b) = mean_i CE(softmax(x_i @ W + b), y_i) + (l2 / 2) * ||W||_F^2      (bias not penalised)
+
+which is strictly convex in ``W``, so "fitting the probe" has one answer that does not depend on
+learning rates, epochs or seeds.  It is minimised by full-batch L-BFGS with a strong-Wolfe line search
+(``torch.optim.LBFGS``) on whatever device ``X`` lives on.  The L2 strength is chosen along a path
+(strong to weak, warm-started) on the validation split only.
+
+Relation to scikit-learn: ``LogisticRegression(C=c)`` minimises ``C * sum_i CE_i + ||W||^2 / 2``.
+Dividing by ``C * N`` gives ``f`` above with ``l2 = 1 / (C * N)``; see :func:`sklearn_C`.
+
+Implementation notes
+--------------------
+* The gradient is written out by hand in :func:`_loss_and_grad` (softmax minus one-hot, then
+  ``G.T @ X``) rather than taken by autograd: on CPU, autograd's backward computes ``X.T @ G``, which
+  on a row-major ``N x D`` matrix was ~7-10x slower than ``G.T @ X`` here (torch 2.13, 2 cores), and a
+  whole fit ran several times faster this way.  Internally the weights are kept as a contiguous
+  ``(C, D)`` matrix ``Wt`` (``X @ Wt.T`` was also ~1.5-3x faster than ``X @ W`` with row-major W).
+* Nothing bigger than ``N x C`` is materialised besides ``X`` itself; the loss is accumulated in
+  float64 so the line search sees a loss that is not dominated by float32 rounding near the optimum.
+* The global RNG is never used (zeros or ``init`` as the starting point), so fits are deterministic.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from .metrics import cross_entropy, topk_error
+
+__all__ = [
+    "DEFAULT_L2_PATH", "LinearWeights", "FitResult", "PathPoint", "PathResult",
+    "fit_logistic", "fit_l2_path", "sklearn_C",
+]
+
+#: Decades from strong to weak.  Standardised features make the data term's gradient O(1) per
+#: weight, so l2 ~ 10 already shrinks a 25,000-wide layer fitted on a few thousand samples hard, while
+#: l2 ~ 1e-5 is essentially unregularised for a 10-wide layer on 60,000 samples.  Strong-to-weak order
+#: lets each fit warm-start from the previous (more regularised, easier) solution.
+DEFAULT_L2_PATH: tuple[float, ...] = (1e1, 1e0, 1e-1, 1e-2, 1e-3, 1e-4, 1e-5)
+
+_LOGITS_CHUNK_ROWS = 16384
+_HISTORY_SIZE = 10  # L-BFGS memory: 2 * history * D * C floats, so keep it modest for wide, many-class probes.
+
+
+def sklearn_C(l2: float, n: int) -> float:
+    """scikit-learn's ``C`` giving the same minimiser as our ``l2`` on ``n`` training samples.
+
+    ``LogisticRegression(C)`` minimises ``C * sum_i CE_i + ||W||^2 / 2``; dividing by ``C * n`` gives
+    ``mean_i CE_i + ||W||^2 / (2 * C * n)``, i.e. our objective with ``l2 = 1 / (C * n)``.
+    """
+    return 1.0 / (l2 * n)
+
+
+@dataclass
+class LinearWeights:
+    """A linear probe ``logits = X @ W + b``; ``W``: (D, C) float32, ``b``: (C,) float32, detached."""
+
+    W: Tensor
+    b: Tensor
+
+    @torch.no_grad()
+    def logits(self, X: Tensor, chunk_rows: int = _LOGITS_CHUNK_ROWS) -> Tensor:
+        """``X @ W + b`` in row chunks (each chunk moved to W's device/float32 on its own), on W's device."""
+        Wt = self.W.detach().t().contiguous()  # (C, D): X @ Wt.T is the faster CPU layout
+        b = self.b.detach()
+        out = torch.empty(X.shape[0], Wt.shape[0], dtype=Wt.dtype, device=Wt.device)
+        for s in range(0, X.shape[0], chunk_rows):
+            xc = X[s:s + chunk_rows].to(device=Wt.device, dtype=Wt.dtype)
+            torch.mm(xc, Wt.t(), out=out[s:s + chunk_rows])
+        return out.add_(b)
+
+    def clone(self) -> LinearWeights:
+        """Deep copy with new storage."""
+        return LinearWeights(self.W.detach().clone(), self.b.detach().clone())
+
+
+@dataclass
+class FitResult:
+    """``loss`` is the final value of the penalised objective (mean CE + l2/2 ||W||^2)."""
+
+    weights: LinearWeights
+    l2: float
+    iterations: int
+    converged: bool
+    loss: float
+
+
+def _loss_and_grad(X: Tensor, y: Tensor, Wt: Tensor, b: Tensor, l2: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Objective and its gradient for weights stored as ``Wt`` = W.T, shape (C, D).
+
+    Returns ``(loss, gWt, gb)``: ``loss`` a float64 scalar, ``gWt`` (C, D) and ``gb`` (C,) float32.
+    Every data term is a mean over the local rows of ``X``; a distributed version would all-reduce the
+    un-normalised sums (data loss, ``G.T @ X``, ``G.sum(0)``) and the row count, then add the penalty.
+    """
+    n = X.shape[0]
+    Z = torch.mm(X, Wt.t()).add_(b)  # (N, C) logits
+    lse = torch.logsumexp(Z, dim=1)
+    data = (lse - Z.gather(1, y[:, None]).squeeze(1)).sum(dtype=torch.float64) / n
+    G = Z.sub_(lse[:, None]).exp_()  # softmax, in place
+    G.scatter_add_(1, y[:, None], torch.full((n, 1), -1.0, dtype=G.dtype, device=G.device))
+    G.div_(n)
+    gWt = torch.mm(G.t(), X)  # (C, D); far faster than X.T @ G on row-major X
+    gb = G.sum(dim=0)
+    if l2:
+        gWt.add_(Wt, alpha=l2)
+        data = data + 0.5 * l2 * Wt.double().square().sum()
+    return data, gWt, gb
+
+
+def _grad_scale(X: Tensor) -> float:
+    """Root-mean-square feature value (>= 1): the gradient scales linearly with X's magnitude."""
+    rms = torch.linalg.vector_norm(X).item() / math.sqrt(max(X.numel(), 1))
+    return max(1.0, rms)
+
+
+def fit_logistic(
+    X: Tensor,
+    y: Tensor,
+    num_classes: int,
+    l2: float,
+    *,
+    init: LinearWeights | None = None,
+    max_iter: int = 500,
+    tol: float = 1e-5,
+) -> FitResult:
+    """Minimise mean CE + (l2/2)||W||^2 by full-batch L-BFGS (strong-Wolfe) on X's device, in float32.
+
+    Starts from zeros, or from a copy of ``init`` (never modified).  Converged means the gradient's
+    max-abs fell below ``tol * max(1, rms(X))`` or L-BFGS stopped because the loss / step stopped
+    changing, before ``max_iter`` iterations.  ``iterations`` counts L-BFGS iterations (0 when the
+    start already satisfies the tolerance).
+    """
+    if X.dim() != 2 or y.dim() != 1 or X.shape[0] != y.shape[0]:
+        raise ValueError(f"expected X (N, D) and y (N,), got {tuple(X.shape)} and {tuple(y.shape)}")
+    if l2 < 0:
+        raise ValueError("l2 must be >= 0")
+    X = X.detach()
+    if X.dtype != torch.float32:
+        X = X.float()
+    device, D = X.device, X.shape[1]
+    y = y.detach().to(device=device, dtype=torch.long)
+    if init is None:
+        Wt = torch.zeros(num_classes, D, dtype=torch.float32, device=device)
+        b = torch.zeros(num_classes, dtype=torch.float32, device=device)
+    else:
+        Wt = init.W.detach().to(device=device, dtype=torch.float32).t().contiguous()  # new storage
+        b = init.b.detach().to(device=device, dtype=torch.float32).clone()
+        if Wt.shape != (num_classes, D) or b.shape != (num_classes,):
+            raise ValueError("init has the wrong shape")
+
+    gtol = tol * _grad_scale(X)
+    max_eval = 2 * max_iter + 10
+    opt = torch.optim.LBFGS(
+        [Wt, b], lr=1.0, max_iter=max_iter, max_eval=max_eval, tolerance_grad=gtol,
+        tolerance_change=1e-12, history_size=_HISTORY_SIZE, line_search_fn="strong_wolfe",
+    )
+    last: dict[str, Tensor] = {}
+
+    def closure() -> Tensor:
+        loss, gWt, gb = _loss_and_grad(X, y, Wt, b, l2)
+        Wt.grad, b.grad = gWt, gb  # L-BFGS only reads .grad; no autograd graph is built
+        last["loss"] = loss
+        return loss
+
+    # No autograd is involved, but L-BFGS re-enables grad around the closure anyway; be explicit so a
+    # caller's no_grad / inference_mode context is irrelevant.
+    with torch.enable_grad():
+        opt.step(closure)
+        # The parameters after the last step may not be where closure was last evaluated (L-BFGS ends
+        # on a step without re-evaluating), so evaluate once more for the reported loss and gradient.
+        loss, gWt, gb = _loss_and_grad(X, y, Wt, b, l2)
+    state = opt.state[Wt]
+    iterations = int(state.get("n_iter", 0))
+    hit_limit = iterations >= max_iter or int(state.get("func_evals", 0)) >= max_eval
+    gmax = max(gWt.abs().max().item(), gb.abs().max().item())
+    finite = math.isfinite(float(loss))
+    converged = finite and (gmax <= gtol or not hit_limit)
+    W = Wt.t().contiguous()
+    return FitResult(LinearWeights(W, b.detach().clone()), float(l2), iterations, converged, float(loss))
+
+
+@dataclass
+class PathPoint:
+    """One L2 on the path; ``train_loss`` is the penalised training objective at the solution."""
+
+    l2: float
+    train_loss: float
+    valid_top1_error: float
+    valid_cross_entropy: float
+    iterations: int
+    converged: bool
+
+
+@dataclass
+class PathResult:
+    best: FitResult  # an independent copy of the weights at the chosen L2
+    path: list[PathPoint]
+
+    @property
+    def best_l2(self) -> float:
+        return self.best.l2
+
+
+def fit_l2_path(
+    X_train: Tensor,
+    y_train: Tensor,
+    X_valid: Tensor,
+    y_valid: Tensor,
+    num_classes: int,
+    *,
+    l2_path: Sequence[float] = DEFAULT_L2_PATH,
+    max_iter: int = 500,
+    tol: float = 1e-5,
+    patience: int | None = 2,
+) -> PathResult:
+    """Fit along an L2 path (sorted strong to weak, each fit warm-started from the previous solution)
+    and choose the L2 on the validation split only.
+
+    The chosen point has the lowest valid top-1 error; ties go to lower valid cross-entropy, then to
+    the larger L2.  Early stop: with ``patience=k`` the path stops once valid cross-entropy has risen
+    at ``k`` consecutive points (the remaining, weaker L2s are overfitting further); ``None`` fits the
+    whole path.  Test data is never an input.
+    """
+    l2s = sorted({float(v) for v in l2_path}, reverse=True)
+    if not l2s:
+        raise ValueError("empty l2_path")
+    y_valid = y_valid.detach()
+    path: list[PathPoint] = []
+    best: FitResult | None = None
+    best_key: tuple[float, float, float] | None = None
+    prev: LinearWeights | None = None
+    rises = 0
+    for l2 in l2s:
+        fit = fit_logistic(X_train, y_train, num_classes, l2, init=prev, max_iter=max_iter, tol=tol)
+        prev = fit.weights
+        logits = fit.weights.logits(X_valid)
+        yv = y_valid.to(device=logits.device, dtype=torch.long)
+        err, ce = topk_error(logits, yv, 1), cross_entropy(logits, yv)
+        if path and ce > path[-1].valid_cross_entropy:
+            rises += 1
+        else:
+            rises = 0
+        path.append(PathPoint(l2, fit.loss, err, ce, fit.iterations, fit.converged))
+        key = (err, ce, -l2)
+        if best_key is None or key < best_key:
+            best_key = key
+            best = FitResult(fit.weights.clone(), fit.l2, fit.iterations, fit.converged, fit.loss)
+        if patience is not None and rises >= patience:
+            break
+    assert best is not None
+    return PathResult(best=best, path=path)

@@ -1,0 +1,48 @@
+"""Shared fixtures: small models and data that make tests fast and deterministic."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from linprobe.data import ArrayDataset, load_digits, stratified_split
+
+
+class Block(nn.Module):
+    """Linear + ReLU, so names like ``layer1.relu`` exist."""
+
+    def __init__(self, d_in: int, d_out: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(d_in, d_out)
+        self.relu = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.fc(x))
+
+
+class SmallNet(nn.Module):
+    """Conv stem then two blocks and a head: exercises pooling, nesting and execution order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.head = nn.Linear(16, 10)  # registered first, runs last: registration order != execution order
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.act = nn.ReLU()
+        self.flatten = nn.Flatten()
+        self.layer1 = Block(4 * 8 * 8, 32)
+        self.layer2 = Block(32, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.layer2(self.layer1(self.flatten(self.act(self.conv(x))))))
+
+
+@pytest.fixture
+def small_net() -> SmallNet:
+    return SmallNet()
+
+
+@pytest.fixture(scope="session")
+def digits_splits() -> list[ArrayDataset]:
+    """scikit-learn digits (1,797 real 8x8 images), stratified 60/20/20."""
+    return stratified_split(load_digits(), [0.6, 0.2, 0.2], seed=0)

@@ -1,0 +1,332 @@
+"""Tests for linprobe.data: loaders on real and synthetic data, stratified splits, batching and fingerprints."""
+from __future__ import annotations
+
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
+
+from linprobe import data
+from linprobe.data import (
+    ArrayDataset,
+    as_dataset,
+    dataset_length,
+    fingerprint,
+    iter_batches,
+    load_dataset,
+    load_digits,
+    load_fashion_mnist,
+    load_idx,
+    load_mnist,
+    standard_splits,
+    stratified_split,
+)
+
+IDX_CODES = {np.dtype(np.uint8): 0x08, np.dtype(">i4"): 0x0C}
+
+
+def write_idx(path: Path, array: np.ndarray, *, gz: bool) -> None:
+    """Write ``array`` as an IDX file (magic, big-endian dims, big-endian data), gzipped when ``gz``."""
+    payload = (bytes([0, 0, IDX_CODES[array.dtype], array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+               + array.tobytes())
+    if gz:
+        path.with_name(path.name + ".gz").write_bytes(gzip.compress(payload))
+    else:
+        path.write_bytes(payload)
+
+
+def make_idx_folder(root: Path, *, gz: bool, with_test: bool = True) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """A small MNIST-format folder: 30 train and 12 test uint8 images of 5x4 with labels in 0..2."""
+    rng = np.random.default_rng(0)
+    arrays = {"train": (rng.integers(0, 256, (30, 5, 4), dtype=np.uint8), rng.integers(0, 3, 30, dtype=np.uint8))}
+    if with_test:
+        arrays["test"] = (rng.integers(0, 256, (12, 5, 4), dtype=np.uint8), rng.integers(0, 3, 12, dtype=np.uint8))
+    prefix = {"train": "train", "test": "t10k"}
+    for split, (images, labels) in arrays.items():
+        write_idx(root / f"{prefix[split]}-images-idx3-ubyte", images, gz=gz)
+        write_idx(root / f"{prefix[split]}-labels-idx1-ubyte", labels, gz=gz)
+    return arrays
+
+
+def labelled(counts: list[int]) -> ArrayDataset:
+    """A dataset whose x holds each sample's id, with ``counts[c]`` samples of class c."""
+    y = np.repeat(np.arange(len(counts)), counts)
+    return ArrayDataset(np.arange(len(y), dtype=np.float32)[:, None], y)
+
+
+def ids(part: ArrayDataset) -> np.ndarray:
+    """The sample ids a part of a ``labelled`` dataset holds."""
+    return part.x[:, 0].numpy().astype(np.int64)
+
+
+class ItemDataset(Dataset):
+    """A plain map-style dataset of (x, y) samples, to exercise the generic DataLoader path."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.x[i], int(self.y[i])
+
+
+# ArrayDataset
+
+def test_array_dataset_converts_and_indexes() -> None:
+    ds = ArrayDataset(np.arange(12, dtype=np.uint8).reshape(4, 3), np.array([0, 2, 1, 2], dtype=np.int32))
+    assert ds.x.dtype == torch.float32 and ds.y.dtype == torch.int64
+    assert len(ds) == 4 and ds.num_classes == 3
+    x, y = ds[1]
+    assert x.tolist() == [3.0, 4.0, 5.0] and y.item() == 2
+    sub = ds.subset(np.array([3, 0]))
+    assert sub.x[:, 0].tolist() == [9.0, 0.0] and sub.y.tolist() == [2, 0]
+    assert ds.subset(torch.tensor([True, False, False, True])).y.tolist() == [0, 2]
+
+
+def test_array_dataset_length_mismatch() -> None:
+    with pytest.raises(ValueError, match="x has 3 samples but y has 2"):
+        ArrayDataset(np.zeros((3, 2)), np.zeros(2))
+
+
+def test_array_dataset_rejects_bad_labels() -> None:
+    with pytest.raises(ValueError, match="y must be 1-D"):
+        ArrayDataset(np.zeros((3, 2)), np.zeros((3, 1)))
+    with pytest.raises(ValueError, match=">= 0"):
+        ArrayDataset(np.zeros((2, 2)), np.array([0, -1]))
+
+
+# loaders
+
+def test_load_mnist() -> None:
+    ds = load_mnist()
+    assert ds.x.shape == (5000, 1, 28, 28) and ds.x.dtype == torch.float32
+    assert ds.x.min().item() == 0.0 and ds.x.max().item() == 1.0
+    assert ds.num_classes == 10
+    assert torch.bincount(ds.y).tolist() == [500] * 10
+
+
+def test_load_digits() -> None:
+    ds = load_digits()
+    assert ds.x.shape == (1797, 1, 8, 8)
+    assert ds.x.min().item() == 0.0 and ds.x.max().item() == 1.0
+    assert ds.num_classes == 10
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_load_idx_round_trips(tmp_path: Path, gz: bool) -> None:
+    arrays = make_idx_folder(tmp_path, gz=gz)
+    loaded = load_idx(tmp_path)
+    assert set(loaded) == {"train", "test"}
+    for split, (images, labels) in arrays.items():
+        ds = loaded[split]
+        assert ds.x.shape == (len(images), 1, 5, 4) and ds.x.dtype == torch.float32
+        assert 0.0 <= ds.x.min().item() and ds.x.max().item() <= 1.0
+        np.testing.assert_array_equal(np.rint(ds.x[:, 0].numpy() * 255).astype(np.uint8), images)
+        np.testing.assert_array_equal(ds.y.numpy(), labels)
+
+
+def test_load_idx_reads_header_dtype_and_partial_folder(tmp_path: Path) -> None:
+    images = np.arange(6 * 2 * 3, dtype=np.uint8).reshape(6, 2, 3)
+    labels = np.array([7, 0, 70000, 1, 2, 3], dtype=">i4")  # 0x0C: big-endian int32 labels, not bytes
+    write_idx(tmp_path / "train-images-idx3-ubyte", images, gz=False)
+    write_idx(tmp_path / "train-labels-idx1-ubyte", labels, gz=True)
+    loaded = load_idx(tmp_path)
+    assert list(loaded) == ["train"]
+    assert loaded["train"].y.tolist() == [7, 0, 70000, 1, 2, 3]
+    assert loaded["train"].x.shape == (6, 1, 2, 3)
+
+
+def test_load_idx_missing_folder(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_idx(tmp_path / "absent")
+
+
+def test_load_idx_empty_folder_lists_expected_files(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="no IDX files.*train-images-idx3-ubyte.*t10k-labels-idx1-ubyte"):
+        load_idx(tmp_path)
+
+
+def test_load_idx_unpaired_file(tmp_path: Path) -> None:
+    write_idx(tmp_path / "train-images-idx3-ubyte", np.zeros((2, 2, 2), np.uint8), gz=False)
+    with pytest.raises(FileNotFoundError, match="not train-labels-idx1-ubyte"):
+        load_idx(tmp_path)
+
+
+def test_load_idx_corrupt_files(tmp_path: Path) -> None:
+    make_idx_folder(tmp_path, gz=False, with_test=False)
+    labels = tmp_path / "train-labels-idx1-ubyte"
+    labels.write_bytes(labels.read_bytes()[:-1])
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        load_idx(tmp_path)
+    labels.write_bytes(b"\x12\x34\x56\x78")
+    with pytest.raises(ValueError, match="not an IDX file"):
+        load_idx(tmp_path)
+
+
+def test_load_fashion_mnist() -> None:
+    if not data.FASHION_MNIST_ROOT.is_dir():
+        pytest.skip("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+    loaded = load_fashion_mnist()
+    assert len(loaded["train"]) == 60000 and len(loaded["test"]) == 10000
+    assert loaded["train"].x.shape[1:] == (1, 28, 28)
+    assert loaded["train"].num_classes == 10
+    assert torch.bincount(loaded["test"].y).tolist() == [1000] * 10
+
+
+def test_load_fashion_mnist_missing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(data, "FASHION_MNIST_ROOT", tmp_path / "absent")
+    with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
+        load_fashion_mnist()
+
+
+def test_load_dataset_specs(tmp_path: Path) -> None:
+    assert list(load_dataset("digits")) == ["all"]
+    make_idx_folder(tmp_path, gz=True)
+    assert len(load_dataset(f"idx:{tmp_path}")["test"]) == 12
+    with pytest.raises(ValueError, match="unknown dataset spec 'cifar'.*mnist, digits, fashion-mnist, idx:DIR"):
+        load_dataset("cifar")
+
+
+# splits
+
+def test_stratified_split_disjoint_proportional_seeded() -> None:
+    ds = labelled([50, 30, 20])
+    parts = stratified_split(ds, [0.5, 0.3, 0.2], seed=3)
+    assert [len(p) for p in parts] == [50, 30, 20]
+    all_ids = np.concatenate([ids(p) for p in parts])
+    assert sorted(all_ids.tolist()) == list(range(100))
+    for part, fraction in zip(parts, [0.5, 0.3, 0.2]):
+        counts = torch.bincount(part.y, minlength=3).numpy()
+        assert np.abs(counts - fraction * np.array([50, 30, 20])).max() <= 1
+        np.testing.assert_array_equal(part.y.numpy(), ds.y.numpy()[ids(part)])
+    again = stratified_split(ds, [0.5, 0.3, 0.2], seed=3)
+    assert all(np.array_equal(ids(a), ids(b)) for a, b in zip(parts, again))
+    other = stratified_split(ds, [0.5, 0.3, 0.2], seed=4)
+    assert not np.array_equal(ids(parts[0]), ids(other[0]))
+
+
+def test_stratified_split_integer_counts_leave_rest_out() -> None:
+    parts = stratified_split(labelled([40, 40]), [10, 6])
+    assert [len(p) for p in parts] == [10, 6]
+    assert torch.bincount(parts[0].y).tolist() == [5, 5] and torch.bincount(parts[1].y).tolist() == [3, 3]
+    assert not set(ids(parts[0])) & set(ids(parts[1]))
+
+
+def test_stratified_split_errors() -> None:
+    ds = labelled([5, 5])
+    with pytest.raises(ValueError, match="part 1 of the split would get 0 samples"):
+        stratified_split(ds, [0.9, 0.01])
+    with pytest.raises(ValueError, match="sum to 1.2 > 1"):
+        stratified_split(ds, [0.6, 0.6])
+    with pytest.raises(ValueError, match="ask for 11 samples but the data has only 10"):
+        stratified_split(ds, [6, 5])
+
+
+@settings(max_examples=40, deadline=None)
+@given(counts=st.lists(st.integers(0, 40), min_size=1, max_size=6).filter(lambda c: sum(c) >= 30),
+       fractions=st.lists(st.floats(0.2, 1.0), min_size=1, max_size=3), seed=st.integers(0, 2**32 - 1))
+def test_stratified_split_shares_are_rounded_proportions(counts: list[int], fractions: list[float], seed: int) -> None:
+    fractions = [f / max(1.0, sum(fractions)) for f in fractions]
+    ds = labelled(counts)
+    parts = stratified_split(ds, fractions, seed=seed)
+    assert len(np.unique(np.concatenate([ids(p) for p in parts]))) == sum(len(p) for p in parts)
+    for part in parts:
+        share = np.array(counts) * len(part) / len(ds)
+        got = torch.bincount(part.y, minlength=len(counts)).numpy()
+        assert ((got == np.floor(share)) | (got == np.ceil(share))).all()
+
+
+def test_standard_splits_without_test_part() -> None:
+    splits = standard_splits("digits", seed=1)
+    assert [len(splits[k]) for k in ("train", "valid", "test")] == [1258, 180, 359]
+    assert sum(len(s) for s in splits.values()) == 1797
+    limited = standard_splits("digits", seed=1, limit=100)
+    assert [len(limited[k]) for k in ("train", "valid", "test")] == [100, 14, 29]
+
+
+def test_standard_splits_keeps_shipped_test(tmp_path: Path) -> None:
+    arrays = make_idx_folder(tmp_path, gz=False)
+    splits = standard_splits(f"idx:{tmp_path}", valid_fraction=0.2)
+    assert [len(splits[k]) for k in ("train", "valid", "test")] == [24, 6, 12]
+    np.testing.assert_array_equal(splits["test"].y.numpy(), arrays["test"][1])
+    with pytest.raises(ValueError, match="sum to less than 1"):
+        standard_splits("digits", valid_fraction=0.5, test_fraction=0.5)
+
+
+# batching and fingerprints
+
+def test_as_dataset() -> None:
+    ds = labelled([2, 2])
+    assert as_dataset(ds) is ds
+    pair = as_dataset((np.zeros((3, 2)), [0, 1, 1]))
+    assert isinstance(pair, ArrayDataset) and pair.y.tolist() == [0, 1, 1]
+    with pytest.raises(TypeError, match="pass an ArrayDataset, a torch Dataset or DataLoader"):
+        as_dataset(np.zeros(3))
+
+
+def test_iter_batches_slices_array_dataset(monkeypatch: pytest.MonkeyPatch) -> None:
+    ds = ArrayDataset(torch.randn(10, 3), torch.arange(10) % 4)
+    monkeypatch.setattr(ArrayDataset, "__getitem__", lambda self, i: pytest.fail("per-sample __getitem__ was called"))
+    batches = list(iter_batches(ds, 4))
+    assert [len(y) for _, y in batches] == [4, 4, 2]
+    assert torch.equal(torch.cat([x for x, _ in batches]), ds.x)
+    assert torch.equal(torch.cat([y for _, y in batches]), ds.y)
+
+
+def test_iter_batches_same_over_tensor_dataset_loader_and_generic_dataset() -> None:
+    x, y = torch.randn(11, 2, 2), torch.arange(11, dtype=torch.int32) % 3
+    expected = list(iter_batches(TensorDataset(x, y), 5))
+    assert all(b.dtype == torch.int64 for _, b in expected)
+    for source in (DataLoader(TensorDataset(x, y), batch_size=5), ItemDataset(x, y), (x, y)):
+        got = list(iter_batches(source, 5))
+        assert len(got) == len(expected) == 3
+        for (gx, gy), (ex, ey) in zip(got, expected):
+            assert torch.equal(gx, ex) and torch.equal(gy, ey) and gy.dtype == torch.int64
+
+
+def test_iter_batches_rejects_bad_batch_size() -> None:
+    with pytest.raises(ValueError, match="batch_size=0 must be at least 1"):
+        iter_batches(labelled([1, 1]), 0)
+
+
+def test_dataset_length() -> None:
+    ds = labelled([3, 4])
+    assert dataset_length(ds) == 7 and dataset_length(DataLoader(ds, batch_size=2)) == 7
+
+    class Stream(IterableDataset):
+        def __iter__(self):
+            return iter([])
+
+    with pytest.raises(TypeError, match="Stream.*no __len__"):
+        dataset_length(Stream())
+
+
+def test_fingerprint_tracks_content() -> None:
+    x, y = torch.randn(20, 3), torch.arange(20) % 5
+    fp = fingerprint(ArrayDataset(x, y))
+    assert len(fp) == 16 and int(fp, 16) >= 0
+    assert fingerprint(ArrayDataset(x.clone(), y.clone())) == fp
+    assert fingerprint(TensorDataset(x, y)) == fp
+    assert fingerprint(DataLoader(ArrayDataset(x, y), batch_size=7, shuffle=True)) == fp
+    changed = y.clone()
+    changed[13] = 0
+    assert fingerprint(ArrayDataset(x, changed)) != fp
+    assert fingerprint(ArrayDataset(x.reshape(20, 3, 1), y)) != fp
+
+
+def test_fingerprint_of_generic_dataset_uses_first_samples() -> None:
+    x, y = torch.randn(100, 3), torch.arange(100) % 5
+    fp = fingerprint(ItemDataset(x, y))
+    assert fingerprint(ItemDataset(x.clone(), y.clone())) == fp
+    early, late = y.clone(), y.clone()
+    early[3], late[90] = 4, 4
+    assert fingerprint(ItemDataset(x, early)) != fp
+    assert fingerprint(ItemDataset(x, late)) == fp  # the documented limitation: only the first 64 samples are hashed
