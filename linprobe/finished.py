@@ -109,11 +109,11 @@ def _extract_all(taps: Taps, splits: Mapping[str, Any], cache: FeatureCache, red
 
 
 def _load(cache: FeatureCache, split: str, layer: str, device: torch.device) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(cache.features(split, layer), dtype=np.float32)).to(device)
+    return torch.from_numpy(np.array(cache.features(split, layer), dtype=np.float32)).to(device)
 
 
 def _labels(cache: FeatureCache, split: str, device: torch.device) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(cache.labels(split))).to(device)
+    return torch.from_numpy(np.array(cache.labels(split))).to(device)
 
 
 def _fit_all(cache: FeatureCache, has_test: bool, l2_path: tuple[float, ...], device: torch.device, step: int,

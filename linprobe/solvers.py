@@ -147,6 +147,8 @@ def fit_logistic(
         X = X.float()
     device, D = X.device, X.shape[1]
     y = y.detach().to(device=device, dtype=torch.long)
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+        raise ValueError(f"labels must lie in [0, {num_classes})")
     if init is None:
         Wt = torch.zeros(num_classes, D, dtype=torch.float32, device=device)
         b = torch.zeros(num_classes, dtype=torch.float32, device=device)

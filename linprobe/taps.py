@@ -34,10 +34,11 @@ def layer_names(model: nn.Module, example: Any = None) -> list[str]:
 
     Without an example input the order is registration order, which matches execution order for
     sequential models; with one, the model is run once (eval mode, no grad) and only the modules
-    that actually ran are listed, in the order their outputs were produced.
+    that actually ran are listed, in the order their outputs were produced. A submodule that
+    is itself named ``input`` is shadowed by the model's input.
     """
     if example is None:
-        return [INPUT] + [name for name, _ in model.named_modules() if name]
+        return list(dict.fromkeys([INPUT] + [name for name, _ in model.named_modules() if name]))
     order: list[str] = []
     handles = [m.register_forward_hook(lambda *_, n=name: order.append(n))
                for name, m in model.named_modules() if name]
@@ -47,7 +48,7 @@ def layer_names(model: nn.Module, example: Any = None) -> list[str]:
     finally:
         for h in handles:
             h.remove()
-    return [INPUT] + list(dict.fromkeys(order))
+    return list(dict.fromkeys([INPUT, *order]))
 
 
 def resolve_layers(model: nn.Module, layers: LayerSpec) -> list[str]:

@@ -1,0 +1,3 @@
+from linprobe.cli import entry
+
+entry()

@@ -1,0 +1,105 @@
+"""The ``linprobe`` command line: list a model's layers, probe a finished model on a dataset."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from linprobe.cache import CacheError
+from linprobe.data import load_dataset, standard_splits
+from linprobe.finished import probe
+from linprobe.reduce import DEFAULT_FEATURE_BUDGET
+from linprobe.taps import layer_names
+
+
+class UsageError(Exception):
+    """A mistake in the command's arguments, reported in one line with the usage."""
+
+
+def load_model(spec: str, checkpoint: str | None = None) -> nn.Module:
+    """Build a model from ``package.module:function`` and load a checkpoint (a state dict, or a dict
+    holding one under ``state_dict`` or ``model``) when given."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise UsageError(f"--model must look like package.module:function, got {spec!r}")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise UsageError(f"cannot load model factory {spec!r}: {e}") from e
+    model = factory()
+    if checkpoint is not None:
+        if not Path(checkpoint).is_file():
+            raise UsageError(f"checkpoint {checkpoint!r} does not exist")
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        if isinstance(state, dict):
+            state = state.get("state_dict", state.get("model", state))
+        model.load_state_dict(state)
+    return model
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 1,28,28, got {text!r}") from None
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="linprobe", description="Linear classifier probes on every layer of a PyTorch model.")
+    sub = p.add_subparsers(dest="command", required=True)
+    layers = sub.add_parser("layers", help="list a model's tappable layer names")
+    layers.add_argument("--model", required=True, help="model factory, package.module:function")
+    layers.add_argument("--input-shape", type=_shape, help="per-sample input shape (e.g. 1,28,28): list in execution order")
+    pr = sub.add_parser("probe", help="probe every chosen layer of a finished model; writes a table and a figure")
+    pr.add_argument("--model", required=True, help="model factory, package.module:function")
+    pr.add_argument("--checkpoint", help="state dict to load into the model")
+    pr.add_argument("--data", default="mnist", help="mnist (default), fashion-mnist, digits or idx:DIR")
+    pr.add_argument("--layers", nargs="+", default=["all"], help="names, glob patterns or 'all' (default)")
+    pr.add_argument("--out", required=True, help="output folder (results, figure, probes and feature cache)")
+    pr.add_argument("--reduce", default="auto", help="auto (default), none, pool, pool:K, subset:K or project:K")
+    pr.add_argument("--budget", type=int, default=DEFAULT_FEATURE_BUDGET, help="feature budget of the auto policy")
+    pr.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="cache storage type")
+    pr.add_argument("--batch-size", type=int, default=256)
+    pr.add_argument("--limit", type=int, help="keep at most this many training samples (quick runs)")
+    pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def _run(args: argparse.Namespace) -> None:
+    model = load_model(args.model, getattr(args, "checkpoint", None))
+    if args.command == "layers":
+        example = torch.zeros(1, *args.input_shape) if args.input_shape else None
+        print("\n".join(layer_names(model, example)))
+        return
+    load_dataset(args.data)  # fails early, with the list of valid specs
+    splits = standard_splits(args.data, seed=args.seed, limit=args.limit)
+    result = probe(model, splits["train"], splits["valid"], splits["test"], layers=args.layers,
+                   cache_dir=args.out, reduce=args.reduce, feature_budget=args.budget, dtype=args.dtype,
+                   batch_size=args.batch_size, seed=args.seed, progress=not args.quiet)
+    print(result.table())
+    print(f"\nwrote {Path(args.out) / 'results.csv'}, results.json, errors.png and probes/")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; a mistake in the input exits with status 2 and one line, not a traceback."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        _run(args)
+    except (UsageError, ValueError, CacheError, FileNotFoundError, KeyError) as e:
+        parser.print_usage(sys.stderr)
+        print(f"linprobe {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def entry() -> Any:
+    """``python -m linprobe``."""
+    sys.exit(main())

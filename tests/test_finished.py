@@ -1,0 +1,134 @@
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.preprocessing import StandardScaler
+from torch import nn
+
+import linprobe as lp
+from linprobe import finished
+from linprobe.cache import FeatureCache
+from linprobe.data import ArrayDataset, load_mnist, stratified_split
+from linprobe.solvers import sklearn_C
+
+
+def _sklearn_test_error(train: ArrayDataset, test: ArrayDataset, l2: float) -> float:
+    x_tr, x_te = train.x.flatten(1).numpy(), test.x.flatten(1).numpy()
+    scaler = StandardScaler().fit(x_tr)
+    clf = LogisticRegression(C=sklearn_C(l2, len(x_tr)), solver="lbfgs", max_iter=5000, tol=1e-8)
+    clf.fit(scaler.transform(x_tr), train.y.numpy())
+    return 1.0 - clf.score(scaler.transform(x_te), test.y.numpy())
+
+
+def test_input_probe_matches_sklearn_on_digits(digits_splits):
+    train, valid, test = digits_splits
+    result = lp.probe(nn.Identity(), train, valid, test, layers="input", progress=False)
+    l2 = result.layers[0].l2
+    ours = result.value("input", "test")
+    assert abs(ours - _sklearn_test_error(train, test, l2)) <= 0.005
+    assert ours < 0.06  # a linear classifier on digits
+
+
+def test_input_probe_on_real_mnist_pixels():
+    train, valid, test = stratified_split(load_mnist(), [0.7, 0.1, 0.2], seed=0)
+    result = lp.probe(nn.Flatten(), train, valid, test, layers="input", progress=False)
+    err = result.value("input", "test")
+    assert 0.07 <= err <= 0.12
+    assert abs(err - _sklearn_test_error(train, test, result.layers[0].l2)) <= 0.005
+
+
+def test_results_files_and_table(tmp_path, small_net, digits_splits):
+    train, valid, test = (ArrayDataset(d.x, d.y) for d in digits_splits)
+    result = lp.probe(small_net, train, valid, test, layers=["input", "conv", "layer1", "head"],
+                      cache_dir=tmp_path, progress=False)
+    assert result.names == ["input", "conv", "layer1", "head"]  # execution order
+    rows = list(csv.DictReader((tmp_path / "results.csv").open()))
+    assert list(rows[0]) == ["step", "layer", "split", "metric", "value"]
+    assert {r["metric"] for r in rows} == {"top1_error", "top5_error", "cross_entropy"}
+    assert len(rows) == 4 * 3 * 3
+    assert json.dumps(lp.ProbeResult.load(tmp_path).to_dict()) == json.dumps(result.to_dict())
+    assert (tmp_path / "errors.png").stat().st_size > 1000
+    table = result.table()
+    assert table.splitlines()[0].startswith("layer") and len(table.splitlines()) == 5
+    info = result.layers[1]
+    assert info.shape == (4, 8, 8) and info.features_in == 256 and info.chance_error == pytest.approx(0.898, abs=0.01)
+    bank = lp.ProbeBank.load(tmp_path / "probes")
+    x = test.x[:7]
+    with lp.Taps(small_net, "conv") as taps:
+        raw = taps.run(x)["conv"]
+    torch.testing.assert_close(bank["conv"](raw), result.probes["conv"](raw))
+
+
+def test_cache_is_reused_and_model_untouched(tmp_path, small_net, digits_splits):
+    calls = []
+    small_net.conv.register_forward_hook(lambda *a: calls.append(1))
+    small_net.train()
+    before = {k: v.clone() for k, v in small_net.state_dict().items()}
+    first = lp.probe(small_net, *digits_splits[:2], layers=["conv", "layer2"], cache_dir=tmp_path, progress=False,
+                     batch_size=512)
+    n_calls = len(calls)
+    assert n_calls == 3 + 1  # one forward per batch: train (1078 rows) in 3 batches of 512, valid in 1
+    second = lp.probe(small_net, *digits_splits[:2], layers=["conv", "layer2"], cache_dir=tmp_path, progress=False)
+    assert len(calls) == n_calls  # no forward: read back from the cache
+    assert first.to_dict()["rows"] == second.to_dict()["rows"]
+    assert small_net.training and all(m.training for m in small_net.modules())
+    assert all(torch.equal(before[k], v) for k, v in small_net.state_dict().items())
+    assert all(p.grad is None for p in small_net.parameters())
+    with torch.no_grad():
+        small_net.conv.bias += 1  # a new checkpoint: a new cache folder, never the old features
+    lp.probe(small_net, *digits_splits[:2], layers=["conv", "layer2"], cache_dir=tmp_path, progress=False)
+    assert len(calls) > n_calls
+    assert len(list((tmp_path / "features").iterdir())) == 2
+
+
+def test_forward_stops_after_deepest_layer(small_net, digits_splits):
+    head_calls = []
+    small_net.head.register_forward_hook(lambda *a: head_calls.append(1))
+    lp.probe(small_net, *digits_splits[:2], layers="conv", progress=False, batch_size=256)
+    assert len(head_calls) == 2  # only the first batch of each split runs the whole model (to check it)
+
+
+def test_test_labels_do_not_influence_selection(monkeypatch, digits_splits):
+    train, valid, test = digits_splits
+    shuffled = ArrayDataset(test.x, test.y[torch.randperm(len(test.y), generator=torch.Generator().manual_seed(0))])
+    events = []
+    real_labels, real_fit = FeatureCache.labels, lp.LinearProbe.fit
+    monkeypatch.setattr(FeatureCache, "labels", lambda self, split, **k: events.append(split) or real_labels(self, split, **k))
+    monkeypatch.setattr(lp.LinearProbe, "fit", lambda self, *a, **k: events.append("fit") or real_fit(self, *a, **k))
+    a = lp.probe(nn.Flatten(), train, valid, test, layers="all", progress=False)
+    assert events.index("test") > max(i for i, e in enumerate(events) if e == "fit")
+    b = lp.probe(nn.Flatten(), train, valid, shuffled, layers="all", progress=False)
+    keep = [r for r in a.rows if r.split != "test"]
+    assert keep == [r for r in b.rows if r.split != "test"]
+    assert [i.l2 for i in a.layers] == [i.l2 for i in b.layers]
+    assert a.value("input", "test") < 0.1 < b.value("input", "test")
+
+
+def test_results_do_not_depend_on_extraction_batch_size(small_net, digits_splits):
+    a = lp.probe(small_net, *digits_splits, layers=["layer1", "head"], batch_size=64, progress=False)
+    b = lp.probe(small_net, *digits_splits, layers=["layer1", "head"], batch_size=500, progress=False)
+    for ra, rb in zip(a.rows, b.rows):
+        assert (ra.layer, ra.split, ra.metric) == (rb.layer, rb.split, rb.metric)
+        assert ra.value == pytest.approx(rb.value, abs=2e-3)
+
+
+def test_cache_key_tracks_everything_that_changes_features(small_net):
+    base = finished.cache_key(small_net, ["conv"], "auto", budget=10)
+    assert base == finished.cache_key(small_net, ["conv"], "auto", budget=10)
+    assert base != finished.cache_key(small_net, ["conv"], "pool", budget=10)
+    assert base != finished.cache_key(small_net, ["conv", "head"], "auto", budget=10)
+    assert base != finished.cache_key(small_net, ["conv"], "auto", budget=11)
+
+
+def test_big_layer_is_reduced_by_the_budget(digits_splits):
+    wide = nn.Sequential(nn.Conv2d(1, 64, 3, padding=1))  # 64 x 8 x 8 = 4096 features
+    result = lp.probe(wide, *digits_splits, layers="0", feature_budget=1024, progress=False)
+    info = result.layers[0]
+    assert info.features_in == 4096 and info.features_out == 1024 and info.reduction["kind"] == "pool"
+    assert "pool 4x4" in result.table()
+    assert result.value("0", "test") < 0.2

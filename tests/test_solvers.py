@@ -1,0 +1,239 @@
+"""The convex probe solver: agreement with scikit-learn, convergence, warm starts, L2 selection."""
+from __future__ import annotations
+
+import inspect
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from linprobe.metrics import chance_error, cross_entropy, topk_error
+from linprobe.solvers import (
+    DEFAULT_L2_PATH, LinearWeights, _grad_scale, _loss_and_grad, fit_l2_path, fit_logistic, sklearn_C,
+)
+
+L2 = 1e-2
+
+
+@pytest.fixture(scope="module")
+def digits():
+    """sklearn digits, stratified 70/30 split, standardised with train statistics (float64 numpy)."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    X, y = load_digits(return_X_y=True)
+    Xtr, Xte, ytr, yte = train_test_split(X, y, test_size=0.3, stratify=y, random_state=0)
+    mu, sd = Xtr.mean(0), Xtr.std(0)
+    sd[sd == 0] = 1.0
+    return (Xtr - mu) / sd, ytr, (Xte - mu) / sd, yte
+
+
+def _t(a, dtype=torch.float32):
+    return torch.as_tensor(np.ascontiguousarray(a), dtype=dtype)
+
+
+def _max_grad(X, y, w: LinearWeights, l2: float) -> float:
+    _, gWt, gb = _loss_and_grad(X, y, w.W.t().contiguous(), w.b, l2)
+    return max(gWt.abs().max().item(), gb.abs().max().item())
+
+
+def _noisy_wide(seed: int, n: int, d: int = 400, c: int = 3, k: int = 10, snr: float = 1.5):
+    """Few samples, many mostly-noise features: weak L2 overfits."""
+    g = torch.Generator().manual_seed(seed)
+    V = torch.randn(k, c, generator=g)
+    X = torch.randn(n, d, generator=g)
+    y = (snr * X[:, :k] @ V / k ** 0.5 + torch.randn(n, c, generator=g)).argmax(1)
+    return X, y
+
+
+def test_sklearn_C_mapping():
+    assert sklearn_C(1e-2, 1000) == pytest.approx(0.1)
+    assert sklearn_C(1.0, 1) == pytest.approx(1.0)
+
+
+def test_default_path_is_descending_log_spaced():
+    p = np.array(DEFAULT_L2_PATH)
+    assert 6 <= len(p) <= 8 and np.all(np.diff(p) < 0) and np.allclose(np.diff(np.log10(p)), -1.0)
+
+
+def test_matches_sklearn_on_digits(digits):
+    from sklearn.linear_model import LogisticRegression
+
+    Xtr, ytr, Xte, yte = digits
+    n = len(ytr)
+    kw = dict(C=sklearn_C(L2, n), solver="lbfgs", max_iter=5000, tol=1e-8)
+    if "multi_class" in inspect.signature(LogisticRegression).parameters:  # removed in sklearn >= 1.8
+        kw["multi_class"] = "multinomial"
+    sk = LogisticRegression(**kw).fit(Xtr, ytr)
+    res = fit_logistic(_t(Xtr), _t(ytr, torch.long), 10, L2)
+    assert res.converged
+    W, W_sk = res.weights.W.double().numpy(), sk.coef_.T  # multinomial coef_: (C, D)
+    rel = np.linalg.norm(W - W_sk) / np.linalg.norm(W_sk)
+    logits = res.weights.logits(_t(Xte))
+    err = topk_error(logits, _t(yte, torch.long))
+    err_sk = float(np.mean(sk.predict(Xte) != yte))
+    b, b_sk = res.weights.b.double().numpy(), sk.intercept_  # bias is defined up to a constant shift
+    print(f"\ndigits l2={L2}: ours err {err:.4f} sklearn err {err_sk:.4f} rel||W-W_sk|| {rel:.2e} iters {res.iterations}")
+    assert rel < 1e-2
+    assert abs(err - err_sk) <= 0.005
+    assert np.abs((b - b.mean()) - (b_sk - b_sk.mean())).max() < 1e-2 * max(1.0, np.abs(b_sk).max())
+    agree = np.mean(logits.argmax(1).numpy() == sk.predict(Xte))
+    assert agree >= 0.995
+    # objective values agree too: ours = sklearn's / (C * n)
+    assert res.loss == pytest.approx(
+        float(np.mean(-np.log(sk.predict_proba(Xtr)[np.arange(n), ytr])) + 0.5 * L2 * np.sum(W_sk ** 2)), rel=1e-4)
+
+
+def test_converges_gradient_below_tol(digits):
+    Xtr, ytr, _, _ = digits
+    X, y = _t(Xtr), _t(ytr, torch.long)
+    tol = 1e-5
+    res = fit_logistic(X, y, 10, L2, tol=tol)
+    assert res.converged
+    assert 0 < res.iterations < 500
+    assert _max_grad(X, y, res.weights, L2) <= tol * _grad_scale(X)
+    assert res.weights.W.shape == (64, 10) and res.weights.W.dtype == torch.float32
+    assert not res.weights.W.requires_grad and res.weights.b.shape == (10,)
+
+
+def test_max_iter_not_converged(digits):
+    Xtr, ytr, _, _ = digits
+    res = fit_logistic(_t(Xtr), _t(ytr, torch.long), 10, 1e-4, max_iter=3)
+    assert res.iterations == 3 and not res.converged
+
+
+def test_warm_start_from_solution(digits):
+    Xtr, ytr, _, _ = digits
+    X, y = _t(Xtr), _t(ytr, torch.long)
+    cold = fit_logistic(X, y, 10, L2)
+    init_copy = cold.weights.clone()
+    warm = fit_logistic(X, y, 10, L2, init=cold.weights)
+    assert warm.converged and warm.iterations <= 3
+    assert torch.equal(cold.weights.W, init_copy.W) and torch.equal(cold.weights.b, init_copy.b)  # init untouched
+    # warm start from a nearby L2 is cheaper than a cold start
+    near_cold = fit_logistic(X, y, 10, L2 / 10)
+    near_warm = fit_logistic(X, y, 10, L2 / 10, init=cold.weights)
+    assert near_warm.iterations < near_cold.iterations
+
+
+def test_works_under_no_grad_and_inference_mode(digits):
+    Xtr, ytr, _, _ = digits
+    X, y = _t(Xtr), _t(ytr, torch.long)
+    ref = fit_logistic(X, y, 10, 0.1)
+    with torch.no_grad():
+        a = fit_logistic(X, y, 10, 0.1)
+    with torch.inference_mode():
+        b = fit_logistic(X, y, 10, 0.1)
+    torch.testing.assert_close(a.weights.W, ref.weights.W)
+    torch.testing.assert_close(b.weights.W, ref.weights.W)
+
+
+def test_logits_chunked_and_clone():
+    g = torch.Generator().manual_seed(0)
+    w = LinearWeights(torch.randn(7, 4, generator=g), torch.randn(4, generator=g))
+    X = torch.randn(1000, 7, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(w.logits(X, chunk_rows=64), (X.float() @ w.W + w.b), rtol=1e-5, atol=1e-5)
+    c = w.clone()
+    c.W.add_(1.0)
+    c.b.zero_()
+    assert not torch.equal(c.W, w.W) and c.W.data_ptr() != w.W.data_ptr() and not torch.equal(c.b, w.b)
+
+
+def test_path_picks_lowest_valid_error_and_returns_a_copy():
+    Xtr, ytr = _noisy_wide(1, 150)
+    Xv, yv = _noisy_wide(2, 300)
+    c = 3
+    path = list(DEFAULT_L2_PATH)
+    res = fit_l2_path(Xtr, ytr, Xv, yv, c, l2_path=path, patience=None)
+    assert [p.l2 for p in res.path] == path
+    # the selection rule applied to the reported points
+    best_pt = min(res.path, key=lambda p: (p.valid_top1_error, p.valid_cross_entropy, -p.l2))
+    assert res.best_l2 == best_pt.l2
+    # every point computed independently (cold start) gives the same valid metrics
+    indep = []
+    for p in res.path:
+        f = fit_logistic(Xtr, ytr, c, p.l2)
+        lg = f.weights.logits(Xv)
+        indep.append((topk_error(lg, yv), cross_entropy(lg, yv)))
+        assert abs(indep[-1][0] - p.valid_top1_error) <= 1.5 / len(yv)
+        assert indep[-1][1] == pytest.approx(p.valid_cross_entropy, rel=1e-2)
+    assert abs(min(e for e, _ in indep) - best_pt.valid_top1_error) <= 1.5 / len(yv)
+    # weak L2 overfits here, so the last point is not the best
+    assert res.best_l2 != res.path[-1].l2
+    assert res.path[-1].valid_top1_error > res.best.l2 * 0 + best_pt.valid_top1_error
+
+    # reproduce the warm-started chain by hand: best weights == the fit at best_l2, not the last one
+    prev, at_best, last = None, None, None
+    for l2 in path:
+        prev = fit_logistic(Xtr, ytr, c, l2, init=prev).weights
+        if l2 == res.best_l2:
+            at_best = prev.clone()
+        last = prev
+    torch.testing.assert_close(res.best.weights.W, at_best.W, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(res.best.weights.b, at_best.b, rtol=1e-5, atol=1e-6)
+    assert (res.best.weights.W - last.W).norm() > 0.1 * last.W.norm()
+    # and, the solution being unique, a cold fit at best_l2 agrees too
+    fresh = fit_logistic(Xtr, ytr, c, res.best_l2)
+    assert (fresh.weights.W - res.best.weights.W).norm() <= 1e-2 * fresh.weights.W.norm()
+
+    # continuing the path from the best must not alter it
+    snap = res.best.weights.clone()
+    fit_logistic(Xtr, ytr, c, res.best_l2 / 100, init=res.best.weights)
+    assert torch.equal(res.best.weights.W, snap.W) and torch.equal(res.best.weights.b, snap.b)
+
+
+def test_path_early_stop_with_patience():
+    Xtr, ytr = _noisy_wide(1, 150)
+    Xv, yv = _noisy_wide(2, 300)
+    full = fit_l2_path(Xtr, ytr, Xv, yv, 3, patience=None)
+    short = fit_l2_path(Xtr, ytr, Xv, yv, 3, patience=2)
+    ces = [p.valid_cross_entropy for p in full.path]
+    # the first index at which CE has risen twice in a row
+    stop = next(i for i in range(2, len(ces)) if ces[i] > ces[i - 1] > ces[i - 2])
+    assert len(short.path) == stop + 1
+    assert [p.l2 for p in short.path] == [p.l2 for p in full.path[: stop + 1]]
+    # the order given does not matter: the path is always fitted strong to weak
+    rev = fit_l2_path(Xtr, ytr, Xv, yv, 3, l2_path=DEFAULT_L2_PATH[::-1], patience=2)
+    assert [p.l2 for p in rev.path] == [p.l2 for p in short.path]
+
+
+def test_no_test_argument_and_no_global_rng():
+    params = inspect.signature(fit_l2_path).parameters
+    assert not any("test" in name.lower() for name in params)
+    assert list(params)[:5] == ["X_train", "y_train", "X_valid", "y_valid", "num_classes"]
+    Xtr, ytr = _noisy_wide(3, 100, d=50)
+    Xv, yv = _noisy_wide(4, 100, d=50)
+    state = torch.random.get_rng_state()
+    a = fit_l2_path(Xtr, ytr, Xv, yv, 3)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    b = fit_l2_path(Xtr, ytr, Xv, yv, 3)  # deterministic
+    assert torch.equal(a.best.weights.W, b.best.weights.W)
+
+
+def test_wide_layer_default_path():
+    """N=2000, D=25000: features are a noisy linear image of a 16-d latent that carries the label."""
+    g = torch.Generator().manual_seed(0)
+    n_tr, n_va, d, k, c = 2000, 1000, 25000, 16, 10
+    A = torch.randn(k, d, generator=g)
+    V = torch.randn(k, c, generator=g)
+
+    def make(n):
+        z = torch.randn(n, k, generator=g)
+        X = z @ A
+        X.add_(torch.randn(n, d, generator=g), alpha=3.0).div_((k + 9.0) ** 0.5)  # ~unit variance
+        y = (z @ V + 0.5 * torch.randn(n, c, generator=g)).argmax(1)
+        return X, y
+
+    Xtr, ytr = make(n_tr)
+    Xv, yv = make(n_va)
+    t0 = time.perf_counter()
+    res = fit_l2_path(Xtr, ytr, Xv, yv, c)
+    dt = time.perf_counter() - t0
+    print(f"\nwide layer N={n_tr} D={d} C={c}: path fitted in {dt:.1f}s; "
+          + ", ".join(f"l2={p.l2:g}: err {p.valid_top1_error:.3f} it {p.iterations}" for p in res.path))
+    best = min(p.valid_top1_error for p in res.path)
+    chance = chance_error(yv, c)
+    assert best < 0.5 * chance
+    assert all(p.converged for p in res.path)
+    assert dt < 60
