@@ -6,6 +6,7 @@ The public API::
     probe(model, train, valid, test=...)  a finished model, layer by layer -> ProbeResult
     OnlineProbes(model, layers, ...)      probes that learn inside your training loop
 """
+from linprobe import models
 from linprobe.data import ArrayDataset, load_dataset, standard_splits
 from linprobe.finished import probe
 from linprobe.live import OnlineProbes
@@ -16,5 +17,5 @@ from linprobe.taps import INPUT, LayerSelectionError, Taps, layer_names
 
 __version__ = "0.1.0"
 __all__ = ["ArrayDataset", "Flatten", "INPUT", "LayerSelectionError", "LinearProbe", "OnlineProbes", "Pool",
-           "ProbeBank", "ProbeResult", "Project", "Subset", "Taps", "layer_names", "load_dataset", "probe",
+           "ProbeBank", "ProbeResult", "Project", "Subset", "Taps", "layer_names", "load_dataset", "models", "probe",
            "standard_splits"]

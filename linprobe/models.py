@@ -1,10 +1,12 @@
 """The paper's models, with submodule names equal to its probe points.
 
-Every probe point is a top-level submodule (``input`` is an ``nn.Identity``), so a forward hook on
-``model.get_submodule(name)`` captures exactly that point. Factories build the model on the meta
-device and initialise it from a local ``torch.Generator``, so construction never reads or advances
-the global RNG. Models with auxiliary heads (``deep_mlp(variant="aux")``, ``small_inception``)
-keep ``model(x)`` returning the main logits and store the auxiliary logits of the last forward in
+Every probe point other than ``"input"`` (the model's own input, which :mod:`linprobe.taps` handles)
+is a top-level submodule, so a forward hook on ``model.get_submodule(name)`` captures exactly that
+point. Factories build the model on the meta device and initialise it from a local
+``torch.Generator``, so construction never reads or advances the global RNG.
+
+Models with auxiliary heads (``deep_mlp(variant="aux")``, ``small_inception``) keep ``model(x)``
+returning the main logits and store the auxiliary logits of the last forward in
 ``model.aux_logits: dict[str, Tensor]`` (empty when there are none); a training loop adds
 ``sum(F.cross_entropy(a, y) for a in getattr(model, "aux_logits", {}).values())`` to its loss.
 """
@@ -19,7 +21,7 @@ from torch import nn
 
 M = TypeVar("M", bound=nn.Module)
 Seed = int | torch.Generator | None
-InitFn = Callable[[nn.Module, torch.Generator], None]
+InitFn = Callable[[nn.Module, torch.Generator], bool]
 
 MNIST_CONVNET_PROBES = (
     "input",
@@ -49,52 +51,72 @@ def _generator(seed: Seed) -> torch.Generator:
     return g
 
 
-def _default_init(module: nn.Module, g: torch.Generator) -> None:
+def _default_init(module: nn.Module, g: torch.Generator) -> bool:
     """Glorot normal for Linear, He normal (fan-out) for Conv2d, zero biases, unit BatchNorm."""
     if isinstance(module, nn.BatchNorm2d):
         module.reset_parameters()
-        return
+        return True
     if isinstance(module, nn.Linear):
         nn.init.xavier_normal_(module.weight, generator=g)
     elif isinstance(module, nn.Conv2d):
         nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu", generator=g)
-    elif any(True for _ in module.parameters(recurse=False)):
-        raise TypeError(f"no init rule for {type(module).__name__}")
     else:
-        return
+        return False
     if module.bias is not None:
         nn.init.zeros_(module.bias)
+    return True
 
 
-def _tf_tutorial_init(module: nn.Module, g: torch.Generator) -> None:
+def _tf_tutorial_init(module: nn.Module, g: torch.Generator) -> bool:
     """TF MNIST tutorial: weights truncated normal (std 0.1, cut at 2 std), biases 0.1."""
-    if isinstance(module, (nn.Linear, nn.Conv2d)):
-        nn.init.trunc_normal_(module.weight, std=0.1, a=-0.2, b=0.2, generator=g)
-        nn.init.constant_(module.bias, 0.1)
-    elif any(True for _ in module.parameters(recurse=False)):
-        raise TypeError(f"no init rule for {type(module).__name__}")
+    if not isinstance(module, (nn.Linear, nn.Conv2d)):
+        return False
+    nn.init.trunc_normal_(module.weight, std=0.1, a=-0.2, b=0.2, generator=g)
+    nn.init.constant_(module.bias, 0.1)
+    return True
 
 
 def _build(factory: Callable[[], M], seed: Seed, init: InitFn = _default_init) -> M:
-    """Construct on the meta device (no global RNG draws), materialise on CPU, init from ``seed``."""
+    """Construct on the meta device (no global RNG draws), materialise on CPU, init from ``seed``.
+
+    ``init`` returns whether it handled a module; an unhandled one that owns tensors is an error,
+    so no parameter or buffer is ever left uninitialised.
+    """
     with torch.device("meta"):
         model = factory()
     model.to_empty(device="cpu")
     g = _generator(seed)
     for module in model.modules():
-        init(module, g)
+        owns_tensors = any(True for _ in module.parameters(recurse=False)) or any(
+            True for _ in module.buffers(recurse=False)
+        )
+        if not init(module, g) and owns_tensors:
+            raise TypeError(f"no init rule for {type(module).__name__}")
     return model
+
+
+class _WithAuxLogits(nn.Module):
+    """Base for models that keep the auxiliary logits of their last forward in ``aux_logits``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.aux_logits: dict[str, torch.Tensor] = {}
+
+    def __getstate__(self) -> dict[str, object]:
+        """Drop the stored logits (non-leaf tensors) so ``copy.deepcopy`` and pickling work."""
+        return {**super().__getstate__(), "aux_logits": {}}
 
 
 # ----------------------------------------------------------------------------------------- MLPs
 
 
-class MLP(nn.Module):
+class MLP(_WithAuxLogits):
     """Stack of ``Linear + LeakyReLU(0.5)`` blocks ``layer1..layerN`` with optional heads and skip.
 
     ``skip_to=k`` feeds layer k the concatenation of layer k-1's output and the flattened input.
-    ``aux_layers`` get linear heads in ``aux_heads``; without ``num_classes`` the output is the last
-    hidden layer. Build it with :func:`toy_mlp` or :func:`deep_mlp`, which seed the init.
+    ``aux_layers`` get trained linear heads (not probes) in ``aux_heads``, keyed by layer name;
+    without ``num_classes`` the output is the last hidden layer. Build it with :func:`toy_mlp` or
+    :func:`deep_mlp`, which seed the init.
     """
 
     def __init__(
@@ -108,7 +130,6 @@ class MLP(nn.Module):
         skip_to: int | None = None,
     ) -> None:
         super().__init__()
-        self.input = nn.Identity()
         self.flatten = nn.Flatten()
         self.layer_names = tuple(f"layer{k}" for k in range(1, depth + 1))
         self.skip_to = skip_to
@@ -117,10 +138,9 @@ class MLP(nn.Module):
             self.add_module(name, nn.Sequential(nn.Linear(fan_in, width), nn.LeakyReLU(0.5)))
         self.aux_heads = nn.ModuleDict({f"layer{k}": nn.Linear(width, num_classes) for k in aux_layers})
         self.classifier = nn.Linear(width, num_classes) if num_classes is not None else None
-        self.aux_logits: dict[str, torch.Tensor] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.flatten(self.input(x))
+        x = self.flatten(x)
         h = x
         aux: dict[str, torch.Tensor] = {}
         for k, name in enumerate(self.layer_names, 1):
@@ -135,9 +155,7 @@ class MLP(nn.Module):
 
 def toy_mlp(*, depth: int = 32, width: int = 128, in_features: int = 128, seed: Seed = 0) -> MLP:
     """Untrained MLP of the toy experiment (002, Fig. 3); returns the last hidden layer."""
-    return _build(
-        lambda: MLP(depth=depth, width=width, in_features=in_features, num_classes=None), seed
-    )
+    return _build(lambda: MLP(depth=depth, width=width, in_features=in_features, num_classes=None), seed)
 
 
 def deep_mlp(
@@ -154,8 +172,8 @@ def deep_mlp(
     """The pathologically deep MLP of 002 Sec. 3.4: ``plain``, ``aux`` (Fig. 7) or ``skip`` (Fig. 8).
 
     ``aux`` puts a head after layers ``aux_every, 2*aux_every, ...`` below ``depth``; with the main
-    ``classifier`` after layer ``depth`` that is one loss every 16 layers, as 002 describes (003's
-    code, 0-based ``i % 16 == 0``, is off by one: heads after layers 1, 17, ..., 113 and 128).
+    ``classifier`` after layer ``depth`` that is one loss every ``aux_every`` layers, as 002 describes
+    (003's code, 0-based ``i % 16 == 0``, is off by one: heads after layers 1, 17, ..., 113 and 128).
     ``skip`` concatenates the flattened input to layer ``skip_to``'s input (002; 003 adds instead).
     """
     if variant not in DEEP_MLP_VARIANTS:
@@ -182,12 +200,15 @@ def deep_mlp(
 
 
 def mnist_convnet(*, seed: Seed = 0) -> nn.Sequential:
-    """The TensorFlow MNIST tutorial convnet (001 Fig. 2, 003 Fig5.py), one submodule per probe point."""
+    """The TensorFlow MNIST tutorial convnet (001 Fig. 2, 003 Fig5.py), one submodule per probe point.
+
+    Initialised like the tutorial (conv1 bias 0, the other biases 0.1); dropout is its own module
+    after ``fc1_postact``, so that probe sees the activations without dropout, as in eval mode.
+    """
 
     def factory() -> nn.Sequential:
         return nn.Sequential(
             OrderedDict(
-                input=nn.Identity(),
                 conv1_preact=nn.Conv2d(1, 32, 5, padding="same"),
                 conv1_postact=nn.ReLU(),
                 conv1_postpool=nn.MaxPool2d(2),
@@ -212,7 +233,7 @@ def mnist_convnet_l2_params(model: nn.Module) -> list[nn.Parameter]:
     return [p for name in ("fc1_preact", "logits") for p in model.get_submodule(name).parameters()]
 
 
-# --------------------------------------------------------------------------------------- ResNet
+# ------------------------------------------------------------------------- ResNet and Inception
 
 
 def _conv_bn(c_in: int, c_out: int, kernel: int, *, stride: int = 1, relu: bool = True) -> nn.Sequential:
@@ -227,7 +248,10 @@ def _conv_bn(c_in: int, c_out: int, kernel: int, *, stride: int = 1, relu: bool 
 
 
 class Bottleneck(nn.Module):
-    """ResNet bottleneck (1x1 reduce, 3x3 with the stride, 1x1 expand x4); outputs relu(x + r(x))."""
+    """ResNet bottleneck (1x1 reduce, 3x3, 1x1 expand x4); outputs relu(shortcut(x) + r(x)).
+
+    The stride sits on the 3x3 conv (torchvision's "v1.5"; Keras' ResNet-50 strides the first 1x1).
+    """
 
     expansion = 4
 
@@ -240,7 +264,9 @@ class Bottleneck(nn.Module):
             _conv_bn(width, c_out, 1, relu=False),
         )
         needs_projection = stride != 1 or c_in != c_out
-        self.shortcut = _conv_bn(c_in, c_out, 1, stride=stride, relu=False) if needs_projection else nn.Identity()
+        self.shortcut = (
+            _conv_bn(c_in, c_out, 1, stride=stride, relu=False) if needs_projection else nn.Identity()
+        )
         self.relu = nn.ReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -253,23 +279,24 @@ def small_resnet(
     widths: Sequence[int] = (8, 16, 32, 64),
     in_channels: int = 1,
     num_classes: int = 10,
+    stem_stride: int = 2,
     seed: Seed = 0,
 ) -> nn.Sequential:
-    """ResNet-50's stage layout scaled to 28x28 grayscale: 3x3 stem, no max-pool, ``add_1..add_16``.
+    """ResNet-50's stage layout scaled to 28x28 grayscale: one 3x3 stem conv, no max-pool.
 
-    Blocks are named like the ``add_k`` rows of 001 Table 4a; each outputs the post-addition ReLU.
-    Stages 2-4 start with stride 2 (28 -> 14 -> 7 -> 4); output channels are ``4 * widths``.
+    Blocks ``add_1..add_16`` are named like the rows of 001 Table 4a and output the post-addition
+    ReLU; block output channels are ``4 * widths``. The stride-2 stem plays the role of ResNet-50's
+    4x stem reduction (grids 14, 7, 4, 2) and keeps an epoch on CPU near the MNIST convnet's cost;
+    ``stem_stride=1`` keeps 28x28 for stage 1 (grids 28, 14, 7, 4) at about three times the cost.
     """
     if len(blocks) != len(widths):
         raise ValueError(f"blocks and widths differ in length: {len(blocks)} vs {len(widths)}")
 
     def factory() -> nn.Sequential:
-        layers: OrderedDict[str, nn.Module] = OrderedDict(
-            input=nn.Identity(), stem=_conv_bn(in_channels, widths[0], 3)
-        )
-        stages = [(width, 2 if stage and i == 0 else 1) for stage, (n, width) in enumerate(zip(blocks, widths)) for i in range(n)]
+        layers: OrderedDict[str, nn.Module] = OrderedDict(stem=_conv_bn(in_channels, widths[0], 3, stride=stem_stride))
+        plan = [(w, 2 if stage and i == 0 else 1) for stage, (n, w) in enumerate(zip(blocks, widths)) for i in range(n)]
         c_in = widths[0]
-        for k, (width, stride) in enumerate(stages, 1):
+        for k, (width, stride) in enumerate(plan, 1):
             layers[f"add_{k}"] = Bottleneck(c_in, width, stride=stride)
             c_in = width * Bottleneck.expansion
         layers["pool"] = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
@@ -284,9 +311,6 @@ def resnet_probe_points(model: nn.Module) -> list[str]:
     return ["input", *(name for name, m in model.named_children() if isinstance(m, Bottleneck))]
 
 
-# ------------------------------------------------------------------------------------- Inception
-
-
 class Mixed(nn.Module):
     """Inception module: 1x1, 1x1->3x3, 1x1->3x3->3x3 (a factorised 5x5) and pool->1x1, concatenated."""
 
@@ -297,7 +321,9 @@ class Mixed(nn.Module):
         self.branch5 = nn.Sequential(
             _conv_bn(c_in, c5[0], 1), _conv_bn(c5[0], c5[1], 3), _conv_bn(c5[1], c5[1], 3)
         )
-        self.branch_pool = nn.Sequential(nn.AvgPool2d(3, stride=1, padding=1), _conv_bn(c_in, c_pool, 1))
+        # 1x1 conv then 3x3 average pool: equal to pool-then-project (both linear), but pools fewer channels.
+        proj = _conv_bn(c_in, c_pool, 1)
+        self.branch_pool = nn.Sequential(proj[0], nn.AvgPool2d(3, stride=1, padding=1), *proj[1:])
         self.out_channels = c1 + c3[1] + c5[1] + c_pool
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -305,37 +331,36 @@ class Mixed(nn.Module):
         return torch.cat([b(x) for b in branches], dim=1)
 
 
-class SmallInception(nn.Module):
-    """A GoogLeNet/Inception-v3-style net for 28x28 grayscale with an auxiliary head off ``mixed_4b``.
+class SmallInception(_WithAuxLogits):
+    """An Inception-v3-style net for 28x28 grayscale: grids 14 -> 7 -> 4, auxiliary head off ``mixed_4d``.
 
-    Main path (execution order) is ``main_path``; the aux branch ``aux_conv -> aux_head`` runs right
-    after ``branch_point`` and its logits land in ``aux_logits["aux_head"]``.
-    Build it with :func:`small_inception`, which seeds the init.
+    Like v3 (001 Fig. 8) the stem starts with a stride-2 conv and the auxiliary branch leaves at the
+    end of the middle grid. Main-path names in execution order are ``main_path``; the branch
+    ``aux_conv -> aux_head`` runs right after ``branch_point`` and its logits land in
+    ``aux_logits["aux_head"]``. Build it with :func:`small_inception`, which seeds the init.
     """
 
-    branch_point = "mixed_4b"
+    branch_point = "mixed_4d"
 
     def __init__(self, *, num_classes: int = 10) -> None:
         super().__init__()
-        self.input = nn.Identity()
-        self.conv1 = _conv_bn(1, 32, 3)  # 28x28
-        self.pool1 = nn.MaxPool2d(2)  # 14x14
-        self.conv2 = _conv_bn(32, 64, 3)
-        self.mixed_3a = Mixed(64, 16, (24, 32), (8, 16), 16)
-        self.mixed_3b = Mixed(self.mixed_3a.out_channels, 32, (32, 48), (16, 24), 24)
-        self.pool2 = nn.MaxPool2d(3, stride=2, padding=1)  # 7x7
-        self.mixed_4a = Mixed(self.mixed_3b.out_channels, 48, (32, 64), (16, 24), 24)
-        self.mixed_4b = Mixed(self.mixed_4a.out_channels, 48, (32, 64), (16, 24), 24)
-        self.aux_conv = nn.Sequential(nn.AvgPool2d(3, stride=2), _conv_bn(self.mixed_4b.out_channels, 64, 1))
-        self.aux_head = nn.Sequential(nn.Flatten(), nn.Linear(64 * 3 * 3, num_classes))
-        self.mixed_4c = Mixed(self.mixed_4b.out_channels, 48, (32, 64), (16, 24), 24)
-        self.pool3 = nn.MaxPool2d(3, stride=2, padding=1)  # 4x4
-        self.mixed_5a = Mixed(self.mixed_4c.out_channels, 64, (48, 96), (16, 32), 32)
-        self.mixed_5b = Mixed(self.mixed_5a.out_channels, 96, (48, 96), (24, 32), 32)
+        self.conv1 = _conv_bn(1, 24, 3, stride=2)  # 14x14
+        self.conv2 = _conv_bn(24, 32, 3)
+        self.mixed_3a = Mixed(32, 16, (16, 16), (4, 8), 8)
+        self.mixed_3b = Mixed(self.mixed_3a.out_channels, 16, (16, 24), (8, 12), 12)
+        self.pool1 = nn.MaxPool2d(3, stride=2, padding=1)  # 7x7
+        self.mixed_4a = Mixed(self.mixed_3b.out_channels, 32, (24, 48), (8, 16), 16)
+        self.mixed_4b = Mixed(self.mixed_4a.out_channels, 32, (24, 48), (8, 16), 16)
+        self.mixed_4c = Mixed(self.mixed_4b.out_channels, 32, (24, 48), (8, 16), 16)
+        self.mixed_4d = Mixed(self.mixed_4c.out_channels, 32, (24, 48), (8, 16), 16)
+        self.aux_conv = nn.Sequential(nn.AvgPool2d(3, stride=2), _conv_bn(self.mixed_4d.out_channels, 32, 1))  # 3x3
+        self.aux_head = nn.Sequential(nn.Flatten(), nn.Linear(32 * 3 * 3, num_classes))
+        self.pool2 = nn.MaxPool2d(3, stride=2, padding=1)  # 4x4
+        self.mixed_5a = Mixed(self.mixed_4d.out_channels, 48, (32, 64), (12, 24), 24)
+        self.mixed_5b = Mixed(self.mixed_5a.out_channels, 64, (32, 64), (12, 24), 24)
         self.avgpool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.logits = nn.Linear(self.mixed_5b.out_channels, num_classes)
         self.main_path = tuple(name for name, _ in self.named_children() if name not in _INCEPTION_AUX)
-        self.aux_logits: dict[str, torch.Tensor] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for name in self.main_path:
@@ -352,7 +377,7 @@ def small_inception(*, num_classes: int = 10, seed: Seed = 0) -> SmallInception:
 
 def inception_layout(model: SmallInception) -> list[tuple[str, str]]:
     """Each probe point in execution order with ``"main"`` or ``"aux"``; aux follows its branch point."""
-    layout: list[tuple[str, str]] = []
+    layout = [("input", "main")]
     for name in model.main_path:
         layout.append((name, "main"))
         if name == model.branch_point:

@@ -40,3 +40,19 @@ def plot_layer_errors(result: ProbeResult, path: str | Path | None = None, *, sp
     ax.set_title(title or f"probe {split} error per layer")
     ax.legend(loc="upper right")
     return save_figure(fig, path) if path is not None else fig
+
+
+def plot_layer_curves(curves: dict[str, dict[str, float]], path: str | Path, *, ylabel: str = "probe error",
+                      title: str = "", chance: float | None = None) -> Path:
+    """Several error-per-layer lines on one axis (e.g. before and after training)."""
+    fig, ax = plt.subplots(figsize=(9, 4))
+    for label, errors in curves.items():
+        ax.plot(range(len(errors)), list(errors.values()), marker="o", label=label)
+    names = list(next(iter(curves.values())))
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
+    if chance is not None:
+        ax.axhline(chance, linestyle=":", color="black", label="chance")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend()
+    return save_figure(fig, path)

@@ -209,7 +209,8 @@ class Standardizer:
     """Per-feature centring and scaling with statistics of the training split only.
 
     Features that are constant (to float32 precision) get scale 1, so they become zeros instead
-    of a division by zero.
+    of a division by zero. Scales are floored at 1% of the layer's typical (RMS) scale: a unit that
+    fired on a handful of training samples would otherwise be multiplied by thousands on new data.
     """
 
     mean: torch.Tensor
@@ -220,7 +221,7 @@ class Standardizer:
         """Streamed mean and standard deviation in float64 (Chan's pairwise update), chunk by chunk."""
         n, mean, m2 = 0, None, None
         for chunk in chunks:
-            x = torch.as_tensor(np.asarray(chunk), dtype=torch.float64)
+            x = torch.as_tensor(np.array(chunk, dtype=np.float64))
             k, mu = x.shape[0], x.mean(0)
             c2 = ((x - mu) ** 2).sum(0)
             if mean is None:
@@ -234,7 +235,8 @@ class Standardizer:
             raise ValueError("cannot standardise an empty training split")
         std = (m2 / max(n, 1)).sqrt()
         constant = std <= 1e-6 * mean.abs() + 1e-12
-        return cls(mean.float(), torch.where(constant, torch.ones_like(std), std).float())
+        floor = 0.01 * std[~constant].square().mean().sqrt() if (~constant).any() else torch.tensor(1.0)
+        return cls(mean.float(), torch.where(constant, torch.ones_like(std), std.clamp_min(floor)).float())
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return (x.float() - self.mean.to(x.device)) / self.std.to(x.device)

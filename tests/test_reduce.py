@@ -77,3 +77,13 @@ def test_standardizer_streams_and_survives_constant_features():
     assert torch.isfinite(z).all() and z[:, 2].abs().max() == 0
     with pytest.raises(ValueError, match="empty"):
         Standardizer.fit([])
+
+
+def test_standardizer_floors_the_scale_of_rarely_active_units():
+    x = np.zeros((1000, 3), dtype=np.float32)
+    x[:, 0] = np.random.default_rng(0).normal(size=1000)
+    x[0, 1] = 0.01  # a ReLU unit that fired once, weakly, in training: its own std is 3e-4
+    std = Standardizer.fit([x])
+    floor = 0.01 * np.sqrt((x[:, 0].var() + x[:, 1].var()) / 2)
+    assert std.std[1].item() == pytest.approx(floor, rel=1e-3)
+    assert std(torch.tensor([[0.0, 1.0, 0.0]]))[0, 1].item() < 150  # instead of ~3,000

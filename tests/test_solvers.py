@@ -38,10 +38,10 @@ def _max_grad(X, y, w: LinearWeights, l2: float) -> float:
     return max(gWt.abs().max().item(), gb.abs().max().item())
 
 
-def _noisy_wide(seed: int, n: int, d: int = 400, c: int = 3, k: int = 10, snr: float = 1.5):
-    """Few samples, many mostly-noise features: weak L2 overfits."""
+def _noisy_wide(seed: int, n: int, d: int = 300, c: int = 3, k: int = 5, snr: float = 8.0):
+    """Few samples, many mostly-noise features (signal in the first k): weak L2 overfits."""
     g = torch.Generator().manual_seed(seed)
-    V = torch.randn(k, c, generator=g)
+    V = torch.randn(k, c, generator=torch.Generator().manual_seed(99))  # shared by every split
     X = torch.randn(n, d, generator=g)
     y = (snr * X[:, :k] @ V / k ** 0.5 + torch.randn(n, c, generator=g)).argmax(1)
     return X, y
@@ -141,8 +141,8 @@ def test_logits_chunked_and_clone():
 
 
 def test_path_picks_lowest_valid_error_and_returns_a_copy():
-    Xtr, ytr = _noisy_wide(1, 150)
-    Xv, yv = _noisy_wide(2, 300)
+    Xtr, ytr = _noisy_wide(1, 300)
+    Xv, yv = _noisy_wide(2, 500)
     c = 3
     path = list(DEFAULT_L2_PATH)
     res = fit_l2_path(Xtr, ytr, Xv, yv, c, l2_path=path, patience=None)
@@ -151,17 +151,25 @@ def test_path_picks_lowest_valid_error_and_returns_a_copy():
     best_pt = min(res.path, key=lambda p: (p.valid_top1_error, p.valid_cross_entropy, -p.l2))
     assert res.best_l2 == best_pt.l2
     # every point computed independently (cold start) gives the same valid metrics
+    # (at very weak L2 the near-separable fits are only loosely determined by a gradient tolerance, so
+    # compare cross-entropies where the problem is well conditioned)
     indep = []
     for p in res.path:
         f = fit_logistic(Xtr, ytr, c, p.l2)
         lg = f.weights.logits(Xv)
-        indep.append((topk_error(lg, yv), cross_entropy(lg, yv)))
-        assert abs(indep[-1][0] - p.valid_top1_error) <= 1.5 / len(yv)
-        assert indep[-1][1] == pytest.approx(p.valid_cross_entropy, rel=1e-2)
-    assert abs(min(e for e, _ in indep) - best_pt.valid_top1_error) <= 1.5 / len(yv)
+        indep.append(topk_error(lg, yv))
+        print(f"l2={p.l2:g}: path err {p.valid_top1_error:.3f} ce {p.valid_cross_entropy:.4f} it {p.iterations}; "
+              f"independent err {indep[-1]:.3f} ce {cross_entropy(lg, yv):.4f} it {f.iterations}")
+        if p.l2 >= 1e-2:
+            assert abs(indep[-1] - p.valid_top1_error) <= 2.5 / len(yv)
+            assert cross_entropy(lg, yv) == pytest.approx(p.valid_cross_entropy, rel=1e-3)
+        else:
+            assert abs(indep[-1] - p.valid_top1_error) <= 0.03
+    assert abs(min(indep) - best_pt.valid_top1_error) <= 2.5 / len(yv)
+    assert indep[[p.l2 for p in res.path].index(res.best_l2)] <= min(indep) + 2.5 / len(yv)
     # weak L2 overfits here, so the last point is not the best
     assert res.best_l2 != res.path[-1].l2
-    assert res.path[-1].valid_top1_error > res.best.l2 * 0 + best_pt.valid_top1_error
+    assert res.path[-1].valid_top1_error >= best_pt.valid_top1_error + 5 / len(yv)
 
     # reproduce the warm-started chain by hand: best weights == the fit at best_l2, not the last one
     prev, at_best, last = None, None, None
@@ -184,8 +192,8 @@ def test_path_picks_lowest_valid_error_and_returns_a_copy():
 
 
 def test_path_early_stop_with_patience():
-    Xtr, ytr = _noisy_wide(1, 150)
-    Xv, yv = _noisy_wide(2, 300)
+    Xtr, ytr = _noisy_wide(1, 300)
+    Xv, yv = _noisy_wide(2, 500)
     full = fit_l2_path(Xtr, ytr, Xv, yv, 3, patience=None)
     short = fit_l2_path(Xtr, ytr, Xv, yv, 3, patience=2)
     ces = [p.valid_cross_entropy for p in full.path]
@@ -212,16 +220,16 @@ def test_no_test_argument_and_no_global_rng():
 
 
 def test_wide_layer_default_path():
-    """N=2000, D=25000: features are a noisy linear image of a 16-d latent that carries the label."""
+    """N=2000, D=25000: every feature carries a weak copy of a 16-d latent that determines the label."""
     g = torch.Generator().manual_seed(0)
-    n_tr, n_va, d, k, c = 2000, 1000, 25000, 16, 10
+    n_tr, n_va, d, k, c, a = 2000, 1000, 25000, 16, 10, 0.1
     A = torch.randn(k, d, generator=g)
     V = torch.randn(k, c, generator=g)
 
     def make(n):
         z = torch.randn(n, k, generator=g)
-        X = z @ A
-        X.add_(torch.randn(n, d, generator=g), alpha=3.0).div_((k + 9.0) ** 0.5)  # ~unit variance
+        X = (z @ A).mul_(a)
+        X.add_(torch.randn(n, d, generator=g)).div_((1 + a * a * k) ** 0.5)  # ~unit variance features
         y = (z @ V + 0.5 * torch.randn(n, c, generator=g)).argmax(1)
         return X, y
 
@@ -232,8 +240,10 @@ def test_wide_layer_default_path():
     dt = time.perf_counter() - t0
     print(f"\nwide layer N={n_tr} D={d} C={c}: path fitted in {dt:.1f}s; "
           + ", ".join(f"l2={p.l2:g}: err {p.valid_top1_error:.3f} it {p.iterations}" for p in res.path))
-    best = min(p.valid_top1_error for p in res.path)
     chance = chance_error(yv, c)
-    assert best < 0.5 * chance
+    best = min(res.path, key=lambda p: p.valid_top1_error)
+    assert best.valid_top1_error < 0.4 * chance
+    assert res.best_l2 == best.l2 and res.best.weights.W.shape == (d, c)
     assert all(p.converged for p in res.path)
-    assert dt < 60
+    # wall time depends on the machine's load; the iteration count is the machine-independent check
+    assert sum(p.iterations for p in res.path) < 600
