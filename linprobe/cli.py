@@ -1,4 +1,4 @@
-"""The ``linprobe`` command line: list a model's layers, probe a finished model on a dataset."""
+"""The ``linprobe`` command line: list a model's layers, probe a finished model, reproduce the paper."""
 from __future__ import annotations
 
 import argparse
@@ -69,10 +69,39 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--limit", type=int, help="keep at most this many training samples (quick runs)")
     pr.add_argument("--seed", type=int, default=0)
     pr.add_argument("--quiet", action="store_true", help="no progress bars")
+    rp = sub.add_parser("reproduce", help="run one of the paper's experiments (--list shows them)")
+    rp.add_argument("name", nargs="?", help="experiment name")
+    rp.add_argument("--list", action="store_true", help="list the experiments and exit")
+    rp.add_argument("--quick", action="store_true", help="small, seeded, seconds (what the tests run)")
+    rp.add_argument("--data", help="mnist (default), fashion-mnist, digits or idx:DIR")
+    rp.add_argument("--out", help="output folder (default runs/NAME)")
+    rp.add_argument("--seed", type=int, default=0)
+    rp.add_argument("--variant", help="deep-mlp: plain, aux or skip")
+    rp.add_argument("--steps", type=int, nargs="+", help="deep-mlp / inception: minibatches at which to probe")
+    rp.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
 
+def _reproduce(args: argparse.Namespace) -> None:
+    from linprobe.experiments import available, reproduce
+
+    if args.list or not args.name:
+        if not args.list:
+            raise UsageError("name an experiment, or pass --list")
+        print("\n".join(f"{name:15s} {doc}" for name, doc in available().items()))
+        return
+    options = {k: getattr(args, k) for k in ("variant", "steps") if getattr(args, k) is not None}
+    out = Path(args.out or f"runs/{args.name}")
+    summary = reproduce(args.name, out, quick=args.quick, data=args.data, seed=args.seed, progress=not args.quiet,
+                        **options)
+    print(summary.markdown())
+    print(f"wrote {out}/summary.md, results.csv, results.json and figures")
+
+
 def _run(args: argparse.Namespace) -> None:
+    if args.command == "reproduce":
+        _reproduce(args)
+        return
     model = load_model(args.model, getattr(args, "checkpoint", None))
     if args.command == "layers":
         example = torch.zeros(1, *args.input_shape) if args.input_shape else None

@@ -9,6 +9,7 @@ import hashlib
 import json
 import shutil
 import tempfile
+import time
 from collections.abc import Mapping
 from contextlib import ExitStack
 from pathlib import Path
@@ -122,17 +123,23 @@ def _fit_all(cache: FeatureCache, has_test: bool, l2_path: tuple[float, ...], de
     y_train, y_valid = _labels(cache, "train", device), _labels(cache, "valid", device)
     num_classes = int(y_train.max()) + 1
     result, bank = ProbeResult([]), ProbeBank()
+    read_seconds = 0.0
     for name in tqdm(cache.manifest["order"], desc="fit probes", disable=not progress, leave=False):
         meta = cache.layers[name]
         probe = LinearProbe(name, reduction_from_dict(meta["reduction"]), meta["features"], num_classes).to(device)
-        x_train, x_valid = _load(cache, "train", name, device), _load(cache, "valid", name, device)
+        start = time.perf_counter()
+        x_train = _load(cache, "train", name, device)
+        read_seconds += time.perf_counter() - start
+        x_valid = _load(cache, "valid", name, device)
         probe.fit(x_train, y_train, x_valid, y_valid, l2_path=l2_path,
                   standardizer=Standardizer.fit(cache.chunks("train", name)))
         result.layers.append(LayerInfo(name, tuple(meta["shape"]), int(np.prod(meta["shape"])), meta["features"],
                                        meta["reduction"], chance_error(y_train, num_classes), probe.l2))
+        result.add(step, name, "valid", {"l2": probe.l2})
         for split, x, y in (("train", x_train, y_train), ("valid", x_valid, y_valid)):
             result.add(step, name, split, classification_metrics(probe.logits(probe.standardize(x)), y))
         bank.append(probe)
+    result.meta["cache_read_samples_per_s"] = len(y_train) / max(read_seconds, 1e-9)  # all layers of a sample
     if has_test:  # the first and only read of the test labels, after every probe is chosen
         y_test = _labels(cache, "test", device)
         for probe in bank:

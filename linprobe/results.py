@@ -49,6 +49,13 @@ class ProbeResult:
         """Append one row per metric."""
         self.rows.extend(Row(step, layer, split, k, float(v)) for k, v in metrics.items())
 
+    @classmethod
+    def concat(cls, results: list[ProbeResult]) -> ProbeResult:
+        """One table from several runs over the same layers (e.g. one per training step)."""
+        layers = {info.name: info for r in results for info in r.layers}
+        return cls(list(layers.values()), [row for r in results for row in r.rows],
+                   {"parts": [r.meta for r in results]})
+
     @property
     def names(self) -> list[str]:
         """Layer names in execution order."""

@@ -1,0 +1,56 @@
+"""The paper's experiments, one module each, built only on linprobe's public API.
+
+Each module has a docstring whose first line names the experiment and a function
+``run(out, *, quick, data, seed, progress, **options) -> Summary`` that writes the tidy results
+(``results.csv``/``results.json``), the figures (PNG) and ``summary.md`` into ``out``.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+import time
+from pathlib import Path
+from typing import Any
+
+from linprobe.experiments.report import Summary
+
+EXPERIMENTS: dict[str, str] = {
+    "toy": "linprobe.experiments.toy",
+    "mnist-convnet": "linprobe.experiments.mnist_convnet",
+    "deep-mlp": "linprobe.experiments.deep_mlp",
+    "resnet": "linprobe.experiments.resnet",
+    "inception": "linprobe.experiments.inception",
+    "diagram": "linprobe.experiments.diagram",
+}
+
+
+def available() -> dict[str, str]:
+    """Name -> one-line description of every experiment whose module exists."""
+    out = {}
+    for name, module in EXPERIMENTS.items():
+        try:
+            out[name] = (importlib.import_module(module).__doc__ or "").strip().splitlines()[0]
+        except ModuleNotFoundError:
+            continue
+    return out
+
+
+def reproduce(name: str, out: str | Path, *, quick: bool = False, data: str | None = None, seed: int = 0,
+              progress: bool = True, **options: Any) -> Summary:
+    """Run one experiment into ``out`` and return its summary (also written as ``out/summary.md``)."""
+    names = available()
+    if name not in names:
+        raise ValueError(f"unknown experiment {name!r}; available: {', '.join(names)}")
+    run = importlib.import_module(EXPERIMENTS[name]).run
+    accepted = set(inspect.signature(run).parameters)
+    unknown = set(options) - accepted
+    if unknown:
+        raise ValueError(f"experiment {name!r} takes no option(s) {sorted(unknown)}; it accepts "
+                         f"{sorted(accepted - {'out', 'quick', 'data', 'seed', 'progress'}) or 'none'}")
+    if data is not None:
+        options["data"] = data
+    start = time.perf_counter()
+    summary = run(Path(out), quick=quick, seed=seed, progress=progress, **options)
+    summary.seconds = time.perf_counter() - start
+    summary.write(Path(out))
+    return summary
