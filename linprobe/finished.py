@@ -122,6 +122,7 @@ def _fit_all(cache: FeatureCache, has_test: bool, l2_path: tuple[float, ...], de
     """Fit one probe per cached layer (L2 chosen on valid), then evaluate every probe once on test."""
     y_train, y_valid = _labels(cache, "train", device), _labels(cache, "valid", device)
     num_classes = int(y_train.max()) + 1
+    _check_classes(y_train, y_valid, "valid")
     result, bank = ProbeResult([]), ProbeBank()
     read_seconds = 0.0
     for name in tqdm(cache.manifest["order"], desc="fit probes", disable=not progress, leave=False):
@@ -142,10 +143,19 @@ def _fit_all(cache: FeatureCache, has_test: bool, l2_path: tuple[float, ...], de
     result.meta["cache_read_samples_per_s"] = len(y_train) / max(read_seconds, 1e-9)  # all layers of a sample
     if has_test:  # the first and only read of the test labels, after every probe is chosen
         y_test = _labels(cache, "test", device)
+        _check_classes(y_train, y_test, "test")
         for probe in bank:
             logits = probe.logits(probe.standardize(_load(cache, "test", probe.layer, device)))
             result.add(step, probe.layer, "test", classification_metrics(logits, y_test))
     return result, bank
+
+
+def _check_classes(y_train: torch.Tensor, y_other: torch.Tensor, split: str) -> None:
+    """Every class of another split must occur in training, or its probe could never predict it."""
+    missing = sorted(set(y_other.unique().tolist()) - set(y_train.unique().tolist()))
+    if missing:
+        raise ValueError(f"class(es) {missing} occur in the {split} split but not in train: a probe cannot learn "
+                         "them; use a stratified split (linprobe.data.stratified_split)")
 
 
 def _save(result: ProbeResult, bank: ProbeBank, out: Path, plot: bool) -> None:

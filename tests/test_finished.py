@@ -133,3 +133,21 @@ def test_big_layer_is_reduced_by_the_budget(digits_splits):
     assert info.features_in == 4096 and info.features_out == 1024 and info.reduction["kind"] == "pool"
     assert "pool 4x4" in result.table()
     assert result.value("0", "test") < 0.2
+
+
+def test_dataloader_and_array_inputs_agree(digits_splits):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    train, valid, test = digits_splits
+    loaders = [DataLoader(TensorDataset(d.x, d.y), batch_size=100) for d in (train, valid, test)]
+    arrays = [(d.x.numpy(), d.y.numpy()) for d in (train, valid, test)]
+    a = lp.probe(nn.Flatten(), *loaders, layers="input", progress=False)
+    b = lp.probe(nn.Flatten(), *arrays, layers="input", progress=False)
+    assert [r.value for r in a.rows] == pytest.approx([r.value for r in b.rows], abs=1e-6)
+
+
+def test_class_missing_from_train_is_an_error(digits_splits):
+    train, valid, _ = digits_splits
+    keep = train.y != 9
+    with pytest.raises(ValueError, match=r"class\(es\) \[9\] occur in the valid split but not in train"):
+        lp.probe(nn.Flatten(), ArrayDataset(train.x[keep], train.y[keep]), valid, layers="input", progress=False)
