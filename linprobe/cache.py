@@ -6,17 +6,21 @@ Layout of one cache folder::
     <split>/rank000-of-001/layer-<name>.npy   (N, D) features of one layer, float32 or float16
     <split>/rank000-of-001/labels.npy, index.npy   labels and dataset indices of those rows
 
-Each shard is written batch by batch into ``<shard>.partial-<pid>`` and renamed into place only
-once complete, and the manifest is replaced atomically after that, so an interrupted extraction
-is never read as complete. Shards written by several processes (one per rank) combine on read.
+Each shard is written batch by batch into ``<shard>.partial-<pid>`` (its space reserved up front,
+so a full disk fails at the start) and renamed into place only once complete, and the manifest is
+replaced atomically after that, so an interrupted extraction is never read as complete. A writer
+holds ``.lock`` (``FeatureCache.locked``): a second process gets a clear error, and the partial
+folders of a killed one are removed. Shards written by several processes (one per rank) combine on read.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import shutil
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +30,7 @@ import torch
 from linprobe.atomic import atomic_write_text
 
 MANIFEST = "manifest.json"
+LOCK = ".lock"
 FORMAT_VERSION = 1
 
 
@@ -53,14 +58,27 @@ class ShardWriter:
         self.tmp.mkdir(parents=True)
         self.arrays: dict[str, np.memmap] = {}
         self.hashes: dict[str, Any] = {}
-        for name, width in widths.items():
-            self._open(_layer_file(name), (n, width), dtype)
-        self._open("labels.npy", (n,), np.dtype(np.int64))
-        self._open("index.npy", (n,), np.dtype(np.int64))
+        try:
+            for name, width in widths.items():
+                self._open(_layer_file(name), (n, width), dtype)
+            self._open("labels.npy", (n,), np.dtype(np.int64))
+            self._open("index.npy", (n,), np.dtype(np.int64))
+        except BaseException:
+            self.abort()
+            raise
 
     def _open(self, file: str, shape: tuple[int, ...], dtype: np.dtype) -> None:
-        self.arrays[file] = np.lib.format.open_memmap(self.tmp / file, mode="w+", dtype=dtype, shape=shape)
+        """Create one memory-mapped .npy with its disk space reserved: a full disk fails here, not as a
+        crash (SIGBUS) when a page of the map is first written."""
+        path = self.tmp / file
+        self.arrays[file] = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
         self.hashes[file] = hashlib.sha256()
+        if hasattr(os, "posix_fallocate"):  # Linux; elsewhere space is taken as pages are written
+            fd = os.open(path, os.O_RDWR)
+            try:
+                os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+            finally:
+                os.close(fd)
 
     def write(self, features: Mapping[str, torch.Tensor], labels: torch.Tensor, index: torch.Tensor) -> None:
         """Append one batch: features (B, D) per layer, labels (B,), dataset indices (B,)."""
@@ -101,12 +119,45 @@ class FeatureCache:
     def __init__(self, root: str | Path, key: str) -> None:
         self.root = Path(root)
         self.key = key
+        self.manifest = self._load_manifest()
+
+    def _load_manifest(self) -> dict[str, Any]:
+        """The manifest on disk (a fresh one when there is none), checked to belong to this key."""
         path = self.root / MANIFEST
-        self.manifest: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {
-            "version": FORMAT_VERSION, "key": key, "layers": {}, "order": [], "splits": {}}
-        if self.manifest.get("key") != key:
+        try:
+            manifest = json.loads(path.read_text()) if path.exists() else {
+                "version": FORMAT_VERSION, "key": self.key, "layers": {}, "order": [], "splits": {}}
+        except (ValueError, OSError) as e:
+            raise CacheError(f"{path} cannot be read ({e}); delete {self.root} and extract again") from None
+        if manifest.get("key") != self.key:
             raise CacheError(f"{self.root} holds features of a different model, layer set or reduction "
-                             f"(key {self.manifest.get('key')} != {key}); delete the folder or choose another")
+                             f"(key {manifest.get('key')} != {self.key}); delete the folder or choose another")
+        return manifest
+
+    @contextmanager
+    def locked(self) -> Iterator[FeatureCache]:
+        """Hold the folder's lock while this process uses it: a second process gets a clear error at once.
+
+        On entry the manifest is read again (a previous holder may have changed it) and partial shards
+        left by a killed process are removed; the lock dies with its process, so it never goes stale.
+        """
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+                raise CacheError(f"{self.root} is in use by another process (pid {holder}, holding {self.root / LOCK}); "
+                                 "wait for it to finish or pass another cache_dir") from None
+            os.ftruncate(fd, 0)
+            os.write(fd, str(os.getpid()).encode())
+            self.manifest = self._load_manifest()
+            for partial in self.root.glob("*/*.partial-*"):
+                shutil.rmtree(partial, ignore_errors=True)
+            yield self
+        finally:
+            os.close(fd)
 
     @property
     def layers(self) -> dict[str, dict[str, Any]]:
@@ -149,15 +200,23 @@ class FeatureCache:
         parts, order = [], []
         for shard in self._entry(split)["shards"]:
             folder = self.root / split / shard["name"]
-            arr = np.load(folder / file, mmap_mode="r")
+            arr = self._open(folder / file)
             if verify and hashlib.sha256(np.ascontiguousarray(arr).data).hexdigest() != shard["sha256"][file]:
                 raise CacheError(f"{folder / file} does not match its checksum (truncated or modified); "
                                  f"delete {self.root} and extract again")
             parts.append(arr)
-            order.append(np.load(folder / "index.npy", mmap_mode="r"))
+            order.append(self._open(folder / "index.npy"))
         if len(parts) == 1:
             return parts[0]
         return np.concatenate(parts)[np.argsort(np.concatenate(order), kind="stable")]
+
+    def _open(self, path: Path) -> np.ndarray:
+        """Memory-map one cached array; a file numpy cannot read (truncated header or data) is a CacheError."""
+        try:
+            return np.load(path, mmap_mode="r")
+        except (ValueError, OSError, EOFError) as e:
+            raise CacheError(f"{path} cannot be read ({e}): truncated or modified; "
+                             f"delete {self.root} and extract again") from None
 
     def features(self, split: str, layer: str, *, verify: bool = True) -> np.ndarray:
         """The (N, D) features of ``layer`` on ``split`` (memory-mapped when there is one shard)."""

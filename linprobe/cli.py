@@ -32,26 +32,45 @@ def load_model(spec: str, checkpoint: str | None = None) -> nn.Module:
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as e:
         raise UsageError(f"cannot load model factory {spec!r}: {e}") from e
-    model = factory()
+    try:
+        model = factory()
+    except TypeError as e:
+        raise UsageError(f"model factory {spec!r} cannot be called without arguments ({e}); "
+                         "point --model at a function that builds the model alone") from e
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"model factory {spec!r} returned {type(model).__name__}, not a torch.nn.Module")
     if checkpoint is not None:
         if not Path(checkpoint).is_file():
             raise UsageError(f"checkpoint {checkpoint!r} does not exist")
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        if isinstance(state, dict):
-            state = state.get("state_dict", state.get("model", state))
-        model.load_state_dict(state)
+        try:
+            state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+            if isinstance(state, dict):
+                state = state.get("state_dict", state.get("model", state))
+            model.load_state_dict(state)
+        except Exception as e:  # any failure here means this file is not a checkpoint of this model
+            raise UsageError(f"cannot load checkpoint {checkpoint!r} into {spec}: {e}") from e
     return model
 
 
 def _shape(text: str) -> tuple[int, ...]:
     try:
-        return tuple(int(v) for v in text.split(","))
+        shape = tuple(int(v) for v in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 1,28,28, got {text!r}") from None
+        shape = ()
+    if not shape or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers like 1,28,28, got {text!r}")
+    return shape
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="linprobe", description="Linear classifier probes on every layer of a PyTorch model.")
+    p.add_argument("--traceback", action="store_true", help="on an error, show the full traceback instead of one line")
     sub = p.add_subparsers(dest="command", required=True)
     layers = sub.add_parser("layers", help="list a model's tappable layer names")
     layers.add_argument("--model", required=True, help="model factory, package.module:function")
@@ -63,10 +82,10 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--layers", nargs="+", default=["all"], help="names, glob patterns or 'all' (default)")
     pr.add_argument("--out", required=True, help="output folder (results, figure, probes and feature cache)")
     pr.add_argument("--reduce", default="auto", help="auto (default), none, pool, pool:K, subset:K or project:K")
-    pr.add_argument("--budget", type=int, default=DEFAULT_FEATURE_BUDGET, help="feature budget of the auto policy")
+    pr.add_argument("--budget", type=_positive, default=DEFAULT_FEATURE_BUDGET, help="feature budget of the auto policy")
     pr.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="cache storage type")
-    pr.add_argument("--batch-size", type=int, default=256)
-    pr.add_argument("--limit", type=int, help="keep at most this many training samples (quick runs)")
+    pr.add_argument("--batch-size", type=_positive, default=256)
+    pr.add_argument("--limit", type=_positive, help="keep at most this many training samples (quick runs)")
     pr.add_argument("--seed", type=int, default=0)
     pr.add_argument("--quiet", action="store_true", help="no progress bars")
     rp = sub.add_parser("reproduce", help="run one of the paper's experiments (--list shows them)")
@@ -77,8 +96,10 @@ def _parser() -> argparse.ArgumentParser:
     rp.add_argument("--out", help="output folder (default runs/NAME)")
     rp.add_argument("--seed", type=int, default=0)
     rp.add_argument("--variant", help="deep-mlp: plain, aux or skip")
-    rp.add_argument("--steps", type=int, nargs="+", help="deep-mlp / inception: minibatches at which to probe")
+    rp.add_argument("--steps", type=_positive, nargs="+", help="deep-mlp / inception: minibatches at which to probe")
     rp.add_argument("--quiet", action="store_true", help="no progress bars")
+    for command in (layers, pr, rp):  # an error shows the usage of its own command
+        command.set_defaults(print_usage=command.print_usage)
     return p
 
 
@@ -105,7 +126,11 @@ def _run(args: argparse.Namespace) -> None:
     model = load_model(args.model, getattr(args, "checkpoint", None))
     if args.command == "layers":
         example = torch.zeros(1, *args.input_shape) if args.input_shape else None
-        print("\n".join(layer_names(model, example)))
+        try:
+            names = layer_names(model, example)
+        except RuntimeError as e:
+            raise UsageError(f"the model cannot run on an input of shape {args.input_shape}: {e}") from e
+        print("\n".join(names))
         return
     load_dataset(args.data)  # fails early, with the list of valid specs
     splits = standard_splits(args.data, seed=args.seed, limit=args.limit)
@@ -113,19 +138,41 @@ def _run(args: argparse.Namespace) -> None:
                    cache_dir=args.out, reduce=args.reduce, feature_budget=args.budget, dtype=args.dtype,
                    batch_size=args.batch_size, seed=args.seed, progress=not args.quiet)
     print(result.table())
+    for layer, reason in result.meta.get("invalid", {}).items():
+        print(f"{layer}: invalid: {reason}")
     print(f"\nwrote {Path(args.out) / 'results.csv'}, results.json, errors.png and probes/")
 
 
+_INPUT_ERRORS = (UsageError, ValueError, TypeError, CacheError, OSError, KeyError)
+"""Errors that mean the input is wrong (exit status 2); anything else is a failure (status 1)."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; a mistake in the input exits with status 2 and one line, not a traceback."""
+    """Entry point: every mistake prints the command's usage and one line (no traceback) and exits non-zero.
+
+    Status 0 on success and for ``--help``, 2 for wrong input, 1 for any other failure, 130 when
+    interrupted (complete cache splits are kept, so a rerun resumes).
+    """
     parser = _parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse has printed the help, or the usage and one line
+        return int(e.code or 0)
     try:
         _run(args)
-    except (UsageError, ValueError, CacheError, FileNotFoundError, KeyError) as e:
-        parser.print_usage(sys.stderr)
-        print(f"linprobe {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print(f"linprobe {args.command}: interrupted; completed cache splits are kept, rerun to resume",
+              file=sys.stderr)
+        return 130
+    except Exception as e:
+        if args.traceback:
+            raise
+        args.print_usage(sys.stderr)
+        text = " ".join(str(e).split()) or "(no message)"
+        if not isinstance(e, _INPUT_ERRORS):
+            text = f"{type(e).__name__}: {text} (rerun with --traceback for details)"
+        print(f"linprobe {args.command}: error: {text}", file=sys.stderr)
+        return 2 if isinstance(e, _INPUT_ERRORS) else 1
     return 0
 
 

@@ -28,22 +28,43 @@ _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 
 _SPECS = "mnist, digits, fashion-mnist, idx:DIR (a folder of MNIST-format IDX files)"
 
 
+def as_labels(y: Any) -> Tensor:
+    """Class labels as a 1-D int64 tensor of whole numbers >= 0; floats holding whole numbers are accepted.
+
+    Anything else is an error that says how to fix it: one-hot rows, fractional or negative values, text.
+    """
+    try:
+        t = torch.as_tensor(y)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"labels must be integer class indices, got {type(y).__name__} of "
+                         f"{getattr(y, 'dtype', 'unknown type')}; encode them first, e.g. "
+                         "np.unique(y, return_inverse=True)[1]") from None
+    if t.ndim != 1:
+        one_hot = t.ndim == 2 and bool(((t == 0) | (t == 1)).all()) and bool((t.sum(1) == 1).all())
+        raise ValueError(f"y must be 1-D class indices, got shape {tuple(t.shape)}; "
+                         + ("these look one-hot: pass y.argmax(1)" if one_hot else "pass one class index per sample"))
+    if t.is_floating_point():
+        fractional = (~t.isfinite() | (t != t.round())).nonzero()
+        if len(fractional):
+            i = int(fractional[0])
+            raise ValueError(f"labels must be whole numbers (class indices), got {t[i].item()} at sample {i}; "
+                             "a classifier probe needs classes, not regression targets")
+    t = t.long()
+    if len(t) and t.min() < 0:
+        raise ValueError(f"labels must be class indices >= 0, got minimum {t.min().item()}; remap them to 0..C-1")
+    return t
+
+
 class ArrayDataset(Dataset):
     """In-memory (x, y) pairs; x float32 tensor (N, ...), y int64 tensor (N,)."""
 
     def __init__(self, x: Any, y: Any) -> None:
         self.x: Tensor = torch.as_tensor(x, dtype=torch.float32)
-        self.y: Tensor = torch.as_tensor(y, dtype=torch.int64)
+        self.y: Tensor = as_labels(y)
         if self.x.ndim == 0:
             raise ValueError("x is a scalar; pass an array with one row per sample, shape (N, ...)")
-        if self.y.ndim != 1:
-            raise ValueError(f"y must be 1-D class indices, got shape {tuple(self.y.shape)}; "
-                             "flatten it or take the argmax of one-hot labels")
         if len(self.x) != len(self.y):
             raise ValueError(f"x has {len(self.x)} samples but y has {len(self.y)}; pass one label per row of x")
-        if len(self.y) and self.y.min() < 0:
-            raise ValueError(f"labels must be class indices >= 0, got minimum {self.y.min().item()}; "
-                             "remap them to 0..C-1")
 
     def __len__(self) -> int:
         return len(self.y)
@@ -283,7 +304,7 @@ def iter_batches(data: Any, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
 def _slice_batches(x: Tensor, y: Tensor, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
     """Consecutive slices of x and y; no per-sample indexing or collation."""
     for start in range(0, len(y), batch_size):
-        yield x[start:start + batch_size], y[start:start + batch_size].long()
+        yield x[start:start + batch_size], as_labels(y[start:start + batch_size])
 
 
 def _loader_batches(loader: DataLoader) -> Iterator[tuple[Tensor, Tensor]]:
@@ -292,7 +313,7 @@ def _loader_batches(loader: DataLoader) -> Iterator[tuple[Tensor, Tensor]]:
         if not isinstance(batch, (tuple, list)) or len(batch) < 2:
             raise TypeError(f"each batch must be a sequence (x, y, ...), got {type(batch).__name__}; make the dataset "
                             "return (x, y) pairs or give the DataLoader a collate_fn that does")
-        yield batch[0], torch.as_tensor(batch[1]).long()
+        yield batch[0], as_labels(batch[1])
 
 
 def dataset_length(data: Any) -> int:

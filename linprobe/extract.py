@@ -1,6 +1,7 @@
 """Feature extraction: one forward pass per batch feeds every tap, reduced and written to the cache."""
 from __future__ import annotations
 
+import errno
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -9,7 +10,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from linprobe.cache import FeatureCache
+from linprobe.cache import CacheError, FeatureCache
 from linprobe.data import dataset_length, iter_batches
 from linprobe.reduce import Reduction
 from linprobe.taps import Taps
@@ -45,34 +46,75 @@ def extract_split(taps: Taps, data: Any, cache: FeatureCache, split: str, *, dat
 
     ``reductions`` is called with the first batch's raw features and returns the reduction per
     layer (it also records the layer metadata in the cache). The first batch runs the whole
-    forward to check that every layer executes; later batches stop after the deepest tap.
+    forward to check that every layer executes; later batches stop after the deepest tap. Every
+    batch is checked: one row per label, the shapes of the first batch, finite values (a layer with
+    a NaN or Inf is recorded in the split's ``nonfinite`` entry with its first batch and sample).
     Returns the extraction throughput in samples per second.
     """
-    device = model_device(taps.model)
+    device, storage = model_device(taps.model), getattr(torch, dtype)
     n = dataset_length(data)
-    writer, start, chosen = None, time.perf_counter(), None
+    writer, start, chosen = None, time.perf_counter(), {}
+    nonfinite: dict[str, dict[str, Any]] = {}
     taps.stop_early = False
     try:
         bar = tqdm(total=n, desc=f"extract {split}", unit="sample", disable=not progress, leave=False)
-        for x, y in iter_batches(data, batch_size):
+        for batch, (x, y) in enumerate(iter_batches(data, batch_size)):
             raw = taps.run(to_device(x, device))
             if writer is None:
                 chosen = reductions(raw)
                 writer = cache.writer(split, n, dtype=dtype)
                 taps.stop_early = True
-            index = torch.arange(writer.pos, writer.pos + len(y))
-            writer.write(reduce_features(raw, chosen), y, index)
+            _check_batch(raw, len(y), cache, split, batch)
+            reduced = reduce_features(raw, chosen)
+            stored = {name: f.to(storage) for name, f in reduced.items()}
+            for name, (row, what) in _nonfinite(reduced, stored).items():
+                nonfinite.setdefault(name, {"batch": batch, "sample": writer.pos + row, "value": what})
+            writer.write(stored, y, torch.arange(writer.pos, writer.pos + len(y)))
             bar.update(len(y))
         bar.close()
         if writer is None:
-            raise ValueError(f"the {split} split is empty: probing needs samples in every split")
+            raise ValueError(f"the {split} data yielded no batch (a DataLoader with drop_last and fewer samples than "
+                             "its batch size?): probing needs samples in every split")
         shard = writer.commit()
-    except BaseException:
+        cache.complete(split, data_fingerprint, [shard], seconds=time.perf_counter() - start, nonfinite=nonfinite)
+    except BaseException as e:
         if writer is not None:
             writer.abort()
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            raise CacheError(f"disk full while writing the {split} features into {cache.root}: free some space or "
+                             "pass a cache_dir on a bigger disk (nothing half-written was kept)") from e
         raise
     finally:
         taps.stop_early = False
-    seconds = time.perf_counter() - start
-    cache.complete(split, data_fingerprint, [shard], seconds=seconds)
-    return n / max(seconds, 1e-9)
+    return n / max(time.perf_counter() - start, 1e-9)
+
+
+def _check_batch(raw: Mapping[str, torch.Tensor], labels: int, cache: FeatureCache, split: str, batch: int) -> None:
+    """Each layer gives one row per label and the per-sample shape recorded from the first batch."""
+    for name, h in raw.items():
+        if h.shape[0] != labels:
+            raise ValueError(f"layer {name!r} gave {h.shape[0]} rows for the {labels} labels of batch {batch} of the "
+                             f"{split} split: x and y need one label per sample, and the tapped tensor must be "
+                             "batch-first (pick another with select=)")
+        expected = tuple(cache.layers[name]["shape"])
+        if tuple(h.shape[1:]) != expected:
+            raise ValueError(f"layer {name!r} gave per-sample shape {tuple(h.shape[1:])} in batch {batch} of the "
+                             f"{split} split but {expected} in the first batch extracted into {cache.root}: every "
+                             "sample must give one shape (resize inputs, use tokens= for sequences, or delete that "
+                             "folder if it was made from differently shaped data)")
+
+
+def _nonfinite(reduced: Mapping[str, torch.Tensor], stored: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, str]]:
+    """For each layer with a NaN or Inf among its stored features: the first offending row of the batch and
+    what was found. One ``isfinite`` per layer and a single check per batch; the search runs only on a failure."""
+    if not stored or bool(torch.stack([f.isfinite().all() for f in stored.values()]).all()):
+        return {}
+    found = {}
+    for name, f in stored.items():
+        bad = (~f.isfinite()).any(1).nonzero()
+        if len(bad):
+            row = int(bad[0])
+            original = reduced[name][row]
+            found[name] = (row, "NaN" if original.isnan().any() else "Inf" if not original.isfinite().all()
+                           else f"a value beyond the range of {f.dtype} (extract with dtype='float32')")
+    return found

@@ -21,9 +21,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from linprobe.cache import FeatureCache
-from linprobe.data import as_dataset, fingerprint
+from linprobe.data import as_dataset, dataset_length, fingerprint
 from linprobe.extract import extract_split, model_device
-from linprobe.metrics import chance_error, classification_metrics
+from linprobe.metrics import balanced_error, chance_error, classification_metrics
 from linprobe.probes import LinearProbe, ProbeBank
 from linprobe.reduce import DEFAULT_FEATURE_BUDGET, ReduceSpec, Reduction, Standardizer, reduction_from_dict, resolve_reductions
 from linprobe.results import LayerInfo, ProbeResult
@@ -66,25 +66,41 @@ def probe(model: nn.Module, train: Any, valid: Any, test: Any = None, *, layers:
     ``cache_dir/features/<key>`` (a temporary folder when ``cache_dir`` is None) and reused when the
     model, layers, reductions and data are the same. Results (``results.csv``, ``results.json``,
     ``errors.png``, ``probes/``) go to ``out_dir``, else ``cache_dir``. The model is run in eval
-    mode under ``no_grad`` and its modes are restored afterwards.
+    mode under ``no_grad`` and its modes are restored afterwards (``meta["model_was_training"]``).
+
+    Labels may be any whole numbers >= 0; the classes found in train become probe outputs 0..K-1 in
+    ascending order (``meta["classes"]``). A layer with a NaN or Inf in any split gets no probe: it
+    is reported in ``meta["invalid"]`` and by one ``invalid`` row holding the first offending sample.
     """
     splits = {"train": as_dataset(train), "valid": as_dataset(valid)}
     if test is not None:
         splits["test"] = as_dataset(test)
+    _check_inputs(splits, dtype)
+    was_training = any(m.training for m in model.modules())
     with ExitStack() as stack:
         root = Path(cache_dir) if cache_dir is not None else Path(stack.enter_context(tempfile.TemporaryDirectory()))
         taps = stack.enter_context(Taps(model, layers, select=select, tokens=tokens, repeat=repeat))  # type: ignore[arg-type]
         key = cache_key(model, taps.names, reduce, budget=feature_budget, seed=seed, dtype=dtype,
                         tokens=tokens, select=getattr(select, "__qualname__", select), repeat=repeat)
-        cache = FeatureCache(root / "features" / key, key)
+        cache = stack.enter_context(FeatureCache(root / "features" / key, key).locked())
         stats = _extract_all(taps, splits, cache, reduce, feature_budget, seed, dtype, batch_size, progress)
         result, bank = _fit_all(cache, "test" in splits, l2_path, model_device(model), step, progress)
-        result.meta.update(cache=str(cache.root), extraction_samples_per_s=stats, model=type(model).__name__)
+        result.meta.update(cache=str(cache.root), extraction_samples_per_s=stats, model=type(model).__name__,
+                           extracted_in_eval_mode=True, model_was_training=was_training)
         out = out_dir if out_dir is not None else cache_dir
         if out is not None:
             _save(result, bank, Path(out), plot and "test" in splits)
     result.probes = bank  # type: ignore[attr-defined]
     return result
+
+
+def _check_inputs(splits: Mapping[str, Any], dtype: str) -> None:
+    """Refuse, before any forward pass, an empty split or a storage type that would not hold features."""
+    if dtype not in ("float32", "float16"):
+        raise ValueError(f"dtype must be 'float32' or 'float16' (the cache's storage type), not {dtype!r}")
+    for name, data in splits.items():
+        if dataset_length(data) == 0:
+            raise ValueError(f"the {name} split is empty: probing needs samples in every split")
 
 
 def _extract_all(taps: Taps, splits: Mapping[str, Any], cache: FeatureCache, reduce: ReduceSpec, budget: int,
@@ -119,47 +135,82 @@ def _labels(cache: FeatureCache, split: str, device: torch.device) -> torch.Tens
 
 def _fit_all(cache: FeatureCache, has_test: bool, l2_path: tuple[float, ...], device: torch.device, step: int,
              progress: bool) -> tuple[ProbeResult, ProbeBank]:
-    """Fit one probe per cached layer (L2 chosen on valid), then evaluate every probe once on test."""
-    y_train, y_valid = _labels(cache, "train", device), _labels(cache, "valid", device)
-    num_classes = int(y_train.max()) + 1
-    _check_classes(y_train, y_valid, "valid")
-    result, bank = ProbeResult([]), ProbeBank()
+    """Fit one probe per valid cached layer (L2 chosen on valid), then evaluate every probe once on test."""
+    y_train = _labels(cache, "train", device)
+    classes = _classes(y_train)
+    y_train, y_valid = _encode(y_train, classes, "train"), _encode(_labels(cache, "valid", device), classes, "valid")
+    chance = chance_error(y_train, len(classes))
+    invalid = _invalid_layers(cache, ("train", "valid", "test") if has_test else ("train", "valid"))
+    result, bank = ProbeResult([], meta={"classes": classes.tolist()}), ProbeBank()
     read_seconds = 0.0
     for name in tqdm(cache.manifest["order"], desc="fit probes", disable=not progress, leave=False):
         meta = cache.layers[name]
-        probe = LinearProbe(name, reduction_from_dict(meta["reduction"]), meta["features"], num_classes).to(device)
+        info = LayerInfo(name, tuple(meta["shape"]), int(np.prod(meta["shape"])), meta["features"], meta["reduction"],
+                         chance)
+        result.layers.append(info)
+        if name in invalid:
+            split, found = invalid[name]
+            result.add(step, name, split, {"invalid": found["sample"]})
+            result.meta.setdefault("invalid", {})[name] = (f"{found['value']} at sample {found['sample']} of the "
+                                                           f"{split} split (batch {found['batch']})")
+            continue
+        probe = LinearProbe(name, reduction_from_dict(meta["reduction"]), meta["features"], len(classes)).to(device)
         start = time.perf_counter()
         x_train = _load(cache, "train", name, device)
         read_seconds += time.perf_counter() - start
         x_valid = _load(cache, "valid", name, device)
         probe.fit(x_train, y_train, x_valid, y_valid, l2_path=l2_path,
                   standardizer=Standardizer.fit(cache.chunks("train", name)))
-        result.layers.append(LayerInfo(name, tuple(meta["shape"]), int(np.prod(meta["shape"])), meta["features"],
-                                       meta["reduction"], chance_error(y_train, num_classes), probe.l2))
+        info.l2 = probe.l2
         result.add(step, name, "valid", {"l2": probe.l2})
         for split, x, y in (("train", x_train, y_train), ("valid", x_valid, y_valid)):
-            result.add(step, name, split, classification_metrics(probe.logits(probe.standardize(x)), y))
+            result.add(step, name, split, _metrics(probe.logits(probe.standardize(x)), y))
         bank.append(probe)
     result.meta["cache_read_samples_per_s"] = len(y_train) / max(read_seconds, 1e-9)  # all layers of a sample
     if has_test:  # the first and only read of the test labels, after every probe is chosen
-        y_test = _labels(cache, "test", device)
-        _check_classes(y_train, y_test, "test")
+        y_test = _encode(_labels(cache, "test", device), classes, "test")
         for probe in bank:
             logits = probe.logits(probe.standardize(_load(cache, "test", probe.layer, device)))
-            result.add(step, probe.layer, "test", classification_metrics(logits, y_test))
+            result.add(step, probe.layer, "test", _metrics(logits, y_test))
     return result, bank
 
 
-def _check_classes(y_train: torch.Tensor, y_other: torch.Tensor, split: str) -> None:
-    """Every class of another split must occur in training, or its probe could never predict it."""
-    missing = sorted(set(y_other.unique().tolist()) - set(y_train.unique().tolist()))
+def _metrics(logits: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    """The shared classification metrics plus the mean per-class error, which unbalanced classes need."""
+    return {**classification_metrics(logits, y), "balanced_error": balanced_error(logits, y)}
+
+
+def _classes(y_train: torch.Tensor) -> torch.Tensor:
+    """The sorted distinct training labels; a probe needs at least two."""
+    classes = y_train.unique()
+    if len(classes) < 2:
+        raise ValueError(f"the train split holds a single class ({classes.tolist()}): a probe needs at least two "
+                         "classes to tell apart; check the labels or the split")
+    return classes
+
+
+def _encode(y: torch.Tensor, classes: torch.Tensor, split: str) -> torch.Tensor:
+    """Labels as positions 0..K-1 in the training ``classes``; a class absent from train is an error."""
+    missing = y[~torch.isin(y, classes)].unique().tolist()
     if missing:
-        raise ValueError(f"class(es) {missing} occur in the {split} split but not in train: a probe cannot learn "
-                         "them; use a stratified split (linprobe.data.stratified_split)")
+        raise ValueError(f"class(es) {missing} occur in the {split} split but not in train (which has {len(classes)} "
+                         "classes): a probe cannot learn them; use a stratified split (linprobe.data.stratified_split) "
+                         "with enough training samples for every class")
+    return torch.searchsorted(classes, y)
+
+
+def _invalid_layers(cache: FeatureCache, splits: tuple[str, ...]) -> dict[str, tuple[str, dict[str, Any]]]:
+    """Layers whose features hold a NaN or Inf: the first split where it happens and where in it."""
+    found: dict[str, tuple[str, dict[str, Any]]] = {}
+    for split in splits:
+        for name, where in cache.manifest["splits"][split].get("nonfinite", {}).items():
+            found.setdefault(name, (split, where))
+    return found
 
 
 def _save(result: ProbeResult, bank: ProbeBank, out: Path, plot: bool) -> None:
     result.save(out)
     bank.save(out / "probes")
-    if plot:
-        result.plot(out / "errors.png")
+    probed = [info for info in result.layers if info.name in bank.layers]
+    if plot and probed:  # invalid layers have no error to draw
+        ProbeResult(probed, result.rows, result.meta).plot(out / "errors.png")

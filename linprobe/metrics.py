@@ -32,3 +32,12 @@ def classification_metrics(logits: torch.Tensor, y: torch.Tensor) -> dict[str, f
     if logits.shape[1] > 5:
         out["top5_error"] = topk_error(logits, y, 5)
     return out
+
+
+@torch.no_grad()
+def balanced_error(logits: torch.Tensor, y: torch.Tensor) -> float:
+    """Top-1 error averaged over the classes present in ``y``, each class weighing the same however rare."""
+    wrong = (logits.argmax(1) != y).double()
+    counts = torch.bincount(y, minlength=logits.shape[1]).double()
+    per_class = torch.bincount(y, weights=wrong, minlength=logits.shape[1]) / counts.clamp_min(1)
+    return per_class[counts > 0].mean().item()

@@ -56,3 +56,44 @@ def plot_layer_curves(curves: dict[str, dict[str, float]], path: str | Path, *, 
     ax.set_title(title)
     ax.legend()
     return save_figure(fig, path)
+
+
+def plot_errors_against_model(errors: dict[str, float], model_error: float, path: str | Path, *,
+                              chance: float | None = None, ylabel: str = "valid error", title: str = "") -> Path:
+    """Probe error per layer (magenta) beside the model's own error (green line), as in 001 Fig. 4b."""
+    names = list(errors)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.4 * len(names) + 2), 4))
+    ax.plot(range(len(names)), list(errors.values()), marker="o", color="magenta", label="linear probe")
+    ax.axhline(model_error, color="green", label=f"the model itself ({model_error:.1%})")
+    if chance is not None:
+        ax.axhline(chance, linestyle=":", color="black", label=f"chance ({chance:.2f})")
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
+    ax.set_ylim(0, 1.05 * max([*errors.values(), model_error, chance or 0]))
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend()
+    return save_figure(fig, path)
+
+
+def plot_heatmap(result: ProbeResult, path: str | Path | None = None, *, split: str = "test",
+                 metric: str = "top1_error", title: str | None = None) -> Any:
+    """Layers (across) by measured steps (down) coloured by probe error, red bad to green/blue good (001 Fig. 5, 9).
+
+    The colour scale runs from 0 to 1; the chance level is dotted on the colour bar.
+    """
+    names, steps = result.names, result.steps
+    grid = [list(result.errors(split, metric, step).values()) for step in steps]
+    colours = ["#2c7bb6", "#1a9641", "#ffffbf", "#d7191c"]  # blue, green, yellow, red
+    cmap = matplotlib.colors.LinearSegmentedColormap.from_list("probe_error", colours)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.07 * len(names) + 3), 1.5 + 0.45 * len(steps)))
+    image = ax.imshow(grid, aspect="auto", cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
+    every = max(1, len(names) // 16)
+    ax.set_xticks(range(0, len(names), every), names[::every], rotation=90, fontsize=7)
+    ax.set_yticks(range(len(steps)), [str(s) for s in steps])
+    ax.set_ylabel("step (minibatches)")
+    chance = max(info.chance_error for info in result.layers)
+    bar = fig.colorbar(image, ax=ax)
+    bar.ax.axhline(chance, color="black", linestyle=":", linewidth=2)
+    bar.set_label(f"probe {split} error (dotted: chance {chance:.2f})")
+    ax.set_title(title or f"probe {split} error per layer and step")
+    return save_figure(fig, path) if path is not None else fig

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 
 DEFAULT_FEATURE_BUDGET = 8192
+MAX_PROJECTION_BYTES = 2**30
+"""The largest random projection matrix (float32) a ``Project`` may build; bigger layers need a subset or pooling."""
 
 
 @dataclass(frozen=True)
@@ -124,6 +126,12 @@ class Project(Reduction):
 
     kind: ClassVar[str] = "project"
 
+    def __post_init__(self) -> None:
+        size = self.in_features * self.out_dim * 4
+        if size > MAX_PROJECTION_BYTES:
+            raise ValueError(f"project {self.in_features}->{self.out_dim} needs a {size / 2**30:.1f} GiB random matrix "
+                             f"(limit {MAX_PROJECTION_BYTES / 2**30:.0f} GiB); use 'subset:K' or 'pool' for this layer")
+
     def apply(self, h: torch.Tensor) -> torch.Tensor:
         flat = h.reshape(h.shape[0], -1)
         _check_width(flat.shape[1], self.in_features, self)
@@ -153,6 +161,8 @@ def layer_seed(seed: int, layer: str) -> int:
 def auto_reduction(shape: Sequence[int], *, budget: int = DEFAULT_FEATURE_BUDGET, seed: int = 0) -> Reduction:
     """The default policy: keep layers within ``budget`` features whole; pool feature maps by the
     smallest integer factor that fits (per-channel averages at most); otherwise a random subset."""
+    if budget < 1:
+        raise ValueError(f"feature budget must be a positive number of features, got {budget}")
     n = math.prod(shape)
     if n <= budget:
         return Flatten()
@@ -172,17 +182,19 @@ def parse_reduction(spec: str | Reduction, shape: Sequence[int], *, budget: int 
         return spec
     kind, _, arg = spec.partition(":")
     n = math.prod(shape)
+    k = int(arg) if arg.isdigit() and int(arg) > 0 else None
     if kind == "auto" and not arg:
         return auto_reduction(shape, budget=budget, seed=seed)
     if kind == "none" and not arg:
         return Flatten()
-    if kind == "pool":
-        return Pool((int(arg),) * max(len(shape) - 1, 1) if arg else (1,))
-    if kind == "subset" and arg.isdigit():
-        return Subset.random(n, int(arg), seed)
-    if kind == "project" and arg.isdigit():
-        return Project(n, int(arg), seed)
-    raise ValueError(f"unknown reduction {spec!r}: use 'auto', 'none', 'pool', 'pool:K', 'subset:K' or 'project:K'")
+    if kind == "pool" and (k or not arg):
+        return Pool((k,) * max(len(shape) - 1, 1) if k else (1,))
+    if kind == "subset" and k:
+        return Subset.random(n, k, seed)
+    if kind == "project" and k:
+        return Project(n, k, seed)
+    raise ValueError(f"unknown reduction {spec!r}: use 'auto', 'none', 'pool', 'pool:K', 'subset:K' or 'project:K' "
+                     "(K a positive integer)")
 
 
 ReduceSpec = str | Reduction | Mapping[str, str | Reduction]

@@ -40,7 +40,7 @@ from torch import Tensor
 from .metrics import cross_entropy, topk_error
 
 __all__ = [
-    "DEFAULT_L2_PATH", "LinearWeights", "FitResult", "PathPoint", "PathResult",
+    "DEFAULT_L2_PATH", "LinearWeights", "FitResult", "PathPoint", "PathResult", "RowSpace",
     "fit_logistic", "fit_l2_path", "sklearn_C",
 ]
 
@@ -244,6 +244,44 @@ class PathResult:
         return self.best.l2
 
 
+_ROW_SPACE_MAX_ROWS = 16384  # an N x N Gram matrix and its Cholesky factor: seconds up to here
+
+
+@dataclass
+class RowSpace:
+    """Exact reduction of a wide problem (D > 2N) to N features: ``Z = L`` from ``X X^T = L L^T`` (Cholesky).
+
+    With L2 on W, the optimal W lies in the row space of X (representer theorem): W = X^T L^-T Wr
+    has ``X W = L Wr`` and ``||W|| = ||Wr||``, so fitting on Z with the same L2 gives the same probe.
+    Each L-BFGS iteration then reads an N x N matrix instead of N x D.
+    """
+
+    z: Tensor
+    X: Tensor
+
+    @classmethod
+    def of(cls, X: Tensor) -> RowSpace:
+        gram = torch.mm(X, X.t()).double()
+        eye = torch.eye(len(gram), dtype=gram.dtype, device=gram.device)
+        jitter = 1e-7 * gram.diagonal().mean().clamp_min(1e-30)  # float32 rounding of the Gram matrix
+        while True:
+            chol, info = torch.linalg.cholesky_ex(gram + jitter * eye)
+            if int(info) == 0:
+                return cls(chol.float().contiguous(), X)  # cholesky returns column-major
+            jitter *= 10
+
+    @staticmethod
+    def worthwhile(X: Tensor) -> bool:
+        """Wide enough that one Gram matrix costs less than the passes over X it saves."""
+        n, d = X.shape
+        return d > 2 * n and n <= _ROW_SPACE_MAX_ROWS
+
+    def lift(self, w: LinearWeights) -> LinearWeights:
+        """Weights on Z to weights on the original features: ``W = X^T L^-T Wr``, as ``(V^T X)^T``."""
+        v = torch.linalg.solve_triangular(self.z.t(), w.W, upper=True)
+        return LinearWeights(torch.mm(v.t(), self.X).t().contiguous(), w.b.clone())
+
+
 def fit_l2_path(
     X_train: Tensor,
     y_train: Tensor,
@@ -260,7 +298,8 @@ def fit_l2_path(
     and choose the L2 on the validation split only.
 
     The chosen point has the lowest valid top-1 error; ties go to lower valid cross-entropy, then to
-    the larger L2.  Early stop: with ``patience=k`` the path stops once valid cross-entropy has risen
+    the larger L2.  Layers much wider than the number of samples are fitted exactly in their row space
+    (``RowSpace``), which is several times faster.  Early stop: with ``patience=k`` the path stops once valid cross-entropy has risen
     at ``k`` consecutive points (the remaining, weaker L2s are overfitting further); ``None`` fits the
     whole path.  Test data is never an input.
     """
@@ -273,9 +312,13 @@ def fit_l2_path(
     best_key: tuple[float, float, float] | None = None
     prev: LinearWeights | None = None
     rises = 0
+    row_space = RowSpace.of(X_train.detach().float()) if RowSpace.worthwhile(X_train) else None
     for l2 in l2s:
-        fit = fit_logistic(X_train, y_train, num_classes, l2, init=prev, max_iter=max_iter, tol=tol)
+        fit = fit_logistic(row_space.z if row_space else X_train, y_train, num_classes, l2, init=prev,
+                           max_iter=max_iter, tol=tol)
         prev = fit.weights
+        if row_space is not None:
+            fit.weights = row_space.lift(fit.weights)
         logits = fit.weights.logits(X_valid)
         yv = y_valid.to(device=logits.device, dtype=torch.long)
         err, ce = topk_error(logits, yv, 1), cross_entropy(logits, yv)

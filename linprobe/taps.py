@@ -18,7 +18,7 @@ INPUT = "input"
 LayerSpec = str | type[nn.Module] | Sequence[str | type[nn.Module]]
 Selector = Callable[[Any], torch.Tensor]
 TokenReduction = Literal["mean", "first", "last"] | None
-RepeatPolicy = Literal["error", "first", "last"]
+RepeatPolicy = Literal["error", "first", "last", "all"]
 
 
 class LayerSelectionError(ValueError):
@@ -148,12 +148,16 @@ class Taps:
     ``features`` maps layer name to a detached tensor of shape (batch, ...). ``order`` is the
     execution order learned from the first forward. With ``stop_early`` the forward is cut once
     every layer has been captured (only for a frozen model, whose outputs nobody needs).
+
+    A module called several times in one forward is an error unless ``repeat`` says which call to
+    keep: ``"first"``, ``"last"``, or ``"all"`` (the calls' outputs flattened and concatenated in call
+    order, ``(B, calls * features)``; a single call is kept as is).
     """
 
     def __init__(self, model: nn.Module, layers: LayerSpec, *, select: Selector | Mapping[str, Selector] | None = None,
                  tokens: TokenReduction = None, repeat: RepeatPolicy = "error") -> None:
-        if repeat not in ("error", "first", "last"):
-            raise ValueError(f"repeat must be 'error', 'first' or 'last', not {repeat!r}")
+        if repeat not in ("error", "first", "last", "all"):
+            raise ValueError(f"repeat must be 'error', 'first', 'last' or 'all', not {repeat!r}")
         self.model = model
         self.names = resolve_layers(model, layers)
         self.select = select
@@ -162,8 +166,8 @@ class Taps:
         self.stop_early = False
         self.features: dict[str, torch.Tensor] = {}
         self.order: list[str] = []
-        self._calls: dict[str, int] = {}
-        self._batch = 0
+        self._seen: dict[str, int] = {}
+        self._calls: dict[str, list[torch.Tensor]] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
     def __enter__(self) -> Taps:
@@ -204,37 +208,45 @@ class Taps:
             raise LayerSelectionError(
                 f"layer(s) {', '.join(missing)} did not run in the forward pass: they are never called by "
                 f"{type(self.model).__name__}.forward (pick layers that run; linprobe.layer_names(model, example) lists them)")
+        if self.repeat == "all":
+            self.features.update({n: torch.cat([h.flatten(1) for h in calls], 1)
+                                  for n, calls in self._calls.items() if len(calls) > 1})
         if not self.order:
             self.order = list(self.features)
         return {n: self.features[n] for n in self.order}
 
     def _on_input(self, module: nn.Module, args: tuple[Any, ...]) -> None:
-        self.features = {}
-        self._calls = {}
+        self.features, self._seen, self._calls = {}, {}, {}
         if INPUT in self.names:
-            self._store(INPUT, args[0] if args else None)
+            self.features[INPUT] = self._select(INPUT, args[0] if args else None)
 
     def _hook(self, name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
-            calls = self._calls[name] = self._calls.get(name, 0) + 1
-            if calls > 1 and self.repeat == "error":
+            seen = self._seen[name] = self._seen.get(name, 0) + 1
+            if seen > 1 and self.repeat == "error":
                 raise LayerSelectionError(
-                    f"layer {name!r} ran {calls} times in one forward (a shared module or a loop); choose "
-                    "repeat='first' or repeat='last' to say which call to probe")
-            if calls == 1 or self.repeat == "last":
-                self._store(name, output)
-            if self.stop_early and self.repeat != "last" and len(self.features) == len(self.names):
+                    f"layer {name!r} ran {seen} times in one forward (a shared module or a loop); choose "
+                    "repeat='first', 'last' or 'all' (concatenate the calls) to say which calls to probe")
+            if seen > 1 and self.repeat == "first":
+                return
+            h = self._select(name, output)
+            if self.repeat == "all":
+                self._calls.setdefault(name, []).append(h)
+            if seen == 1 or self.repeat == "last":
+                self.features[name] = h
+            if self.stop_early and self.repeat in ("error", "first") and len(self.features) == len(self.names):
                 raise _StopForward
         return hook
 
-    def _store(self, name: str, output: Any) -> None:
+    def _select(self, name: str, output: Any) -> torch.Tensor:
+        """The detached, token-reduced tensor a tap keeps from one output; a clear error when there is none."""
         select = self.select.get(name, default_select) if isinstance(self.select, Mapping) else self.select
         h = (select or default_select)(output)
         if not isinstance(h, torch.Tensor):
             raise LayerSelectionError(
                 f"layer {name!r} returned {type(output).__name__} with no tensor in it; pass select={{{name!r}: fn}} "
                 "with a function that picks the tensor to probe")
-        self.features[name] = reduce_tokens(h.detach(), self.tokens)
+        return reduce_tokens(h.detach(), self.tokens)
 
 
 def _training_flags(model: nn.Module) -> dict[str, bool]:

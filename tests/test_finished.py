@@ -49,8 +49,8 @@ def test_results_files_and_table(tmp_path, small_net, digits_splits):
     assert result.names == ["input", "conv", "layer1", "head"]  # execution order
     rows = list(csv.DictReader((tmp_path / "results.csv").open()))
     assert list(rows[0]) == ["step", "layer", "split", "metric", "value"]
-    assert {r["metric"] for r in rows} == {"top1_error", "top5_error", "cross_entropy", "l2"}
-    assert len(rows) == 4 * (3 * 3 + 1)
+    assert {r["metric"] for r in rows} == {"top1_error", "top5_error", "cross_entropy", "balanced_error", "l2"}
+    assert len(rows) == 4 * (3 * 4 + 1)
     assert result.value("conv", "valid", "l2") == result.layers[1].l2
     assert json.dumps(lp.ProbeResult.load(tmp_path).to_dict()) == json.dumps(result.to_dict())
     assert (tmp_path / "errors.png").stat().st_size > 1000

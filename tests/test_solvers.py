@@ -247,3 +247,21 @@ def test_wide_layer_default_path():
     assert all(p.converged for p in res.path)
     # wall time depends on the machine's load; the iteration count is the machine-independent check
     assert sum(p.iterations for p in res.path) < 600
+
+
+def test_row_space_fit_equals_primal_fit_on_a_wide_layer(monkeypatch):
+    """D > 2N is fitted on the N x N Cholesky factor of X X^T; it must be the same probe."""
+    from linprobe import solvers
+
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(400, 1500, generator=g)
+    y = (X[:, :10] + 0.5 * torch.randn(400, 10, generator=g)).argmax(1)
+    assert solvers.RowSpace.worthwhile(X[:300])
+    wide = fit_l2_path(X[:300], y[:300], X[300:], y[300:], 10, tol=1e-7)
+    monkeypatch.setattr(solvers.RowSpace, "worthwhile", staticmethod(lambda X: False))
+    primal = fit_l2_path(X[:300], y[:300], X[300:], y[300:], 10, tol=1e-7)
+    assert wide.best_l2 == primal.best_l2
+    assert [p.valid_top1_error for p in wide.path] == pytest.approx([p.valid_top1_error for p in primal.path], abs=0.01)
+    rel = (wide.best.weights.W - primal.best.weights.W).norm() / primal.best.weights.W.norm()
+    assert rel < 1e-3
+    torch.testing.assert_close(wide.best.weights.b, primal.best.weights.b, atol=1e-3, rtol=1e-3)

@@ -53,3 +53,20 @@ def model_error(model: nn.Module, data: ArrayDataset, batch_size: int = 1024) ->
                 for i in range(0, len(data), batch_size))
     model.train(was)
     return wrong / len(data)
+
+
+def train_sgd(model: nn.Module, train: ArrayDataset, *, epochs: int, batch_size: int = 128, lr: float = 0.05,
+              seed: int = 0, on_step: StepCallback | None = None) -> int:
+    """SGD with Nesterov momentum 0.9 and weight decay 5e-4, learning rate cosine-annealed per epoch: the
+    recipe of the BatchNorm nets (ResNet, Inception); returns steps done."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    return train_epochs(model, train, optimizer, epochs=epochs, batch_size=batch_size, seed=seed,
+                        scheduler=torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs),
+                        on_step=on_step)
+
+
+def at_most(data: ArrayDataset, n: int | None, *, seed: int = 0) -> ArrayDataset:
+    """A stratified, seeded subset of ``n`` samples of ``data`` (all of it when ``n`` is None or not smaller)."""
+    from linprobe.data import stratified_split
+
+    return data if n is None or n >= len(data) else stratified_split(data, [n], seed=seed)[0]

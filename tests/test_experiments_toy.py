@@ -1,0 +1,48 @@
+"""The toy experiment (002 Fig. 3), quick setting: files written and the paper's shape of the curve."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+import linprobe as lp
+from linprobe.experiments import reproduce
+from linprobe.experiments.report import Summary
+
+
+@pytest.fixture(scope="module")
+def toy_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Summary]]:
+    """One quick run shared by the tests; one thread, as small matmuls crawl when a busy core is shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("toy")
+    try:
+        yield out, reproduce("toy", out, quick=True, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_writes_results_figure_and_summary(toy_run: tuple[Path, Summary]) -> None:
+    out, summary = toy_run
+    for name in ("results.csv", "results.json", "summary.md", "toy.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert not (out / "cache").exists()  # a new model every repetition: nothing to keep
+    assert "**Paper:**" in (out / "summary.md").read_text()
+    assert summary.agrees
+
+
+def test_one_mean_row_per_layer_split_and_metric(toy_run: tuple[Path, Summary]) -> None:
+    result = lp.ProbeResult.load(toy_run[0])
+    assert result.names == ["input", *(f"layer{k}" for k in range(1, 33))]
+    assert result.steps == [0] and result.meta["repetitions"] == 2
+    assert all(info.l2 is None and abs(info.chance_error - 0.5) < 0.05 for info in result.layers)
+    assert {r.metric for r in result.rows} == {"top1_error", "top1_error_std", "cross_entropy"}
+
+
+def test_input_separable_and_deep_layers_near_a_coin_flip(toy_run: tuple[Path, Summary]) -> None:
+    errors = list(lp.ProbeResult.load(toy_run[0]).errors("test").values())
+    assert errors[0] < 0.05
+    assert sum(errors[-5:]) / 5 > 0.3
+    assert sum(errors[-5:]) / 5 > sum(errors[1:6]) / 5 > errors[0]
