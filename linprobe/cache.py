@@ -148,8 +148,8 @@ class FeatureCache:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
-                raise CacheError(f"{self.root} is in use by another process (pid {holder}, holding {self.root / LOCK}); "
-                                 "wait for it to finish or pass another cache_dir") from None
+                raise CacheError(f"{self.root} is in use by another process (pid {holder}, holding "
+                                 f"{self.root / LOCK}); wait for it to finish or pass another cache_dir") from None
             os.ftruncate(fd, 0)
             os.write(fd, str(os.getpid()).encode())
             self.manifest = self._load_manifest()

@@ -82,7 +82,8 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--layers", nargs="+", default=["all"], help="names, glob patterns or 'all' (default)")
     pr.add_argument("--out", required=True, help="output folder (results, figure, probes and feature cache)")
     pr.add_argument("--reduce", default="auto", help="auto (default), none, pool, pool:K, subset:K or project:K")
-    pr.add_argument("--budget", type=_positive, default=DEFAULT_FEATURE_BUDGET, help="feature budget of the auto policy")
+    pr.add_argument("--budget", type=_positive, default=DEFAULT_FEATURE_BUDGET,
+                    help="feature budget of the auto policy")
     pr.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="cache storage type")
     pr.add_argument("--batch-size", type=_positive, default=256)
     pr.add_argument("--limit", type=_positive, help="keep at most this many training samples (quick runs)")

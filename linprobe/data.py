@@ -34,7 +34,7 @@ def as_labels(y: Any) -> Tensor:
     Anything else is an error that says how to fix it: one-hot rows, fractional or negative values, text.
     """
     try:
-        t = torch.as_tensor(y)
+        t = y if isinstance(y, Tensor) else torch.as_tensor(np.asarray(y))  # numpy keeps Python floats in float64
     except (TypeError, ValueError, RuntimeError):
         raise ValueError(f"labels must be integer class indices, got {type(y).__name__} of "
                          f"{getattr(y, 'dtype', 'unknown type')}; encode them first, e.g. "
@@ -44,7 +44,7 @@ def as_labels(y: Any) -> Tensor:
         raise ValueError(f"y must be 1-D class indices, got shape {tuple(t.shape)}; "
                          + ("these look one-hot: pass y.argmax(1)" if one_hot else "pass one class index per sample"))
     if t.is_floating_point():
-        fractional = (~t.isfinite() | (t != t.round())).nonzero()
+        fractional = (~t.isfinite() | (t != t.round()) | (t.abs() >= 2**53)).nonzero()
         if len(fractional):
             i = int(fractional[0])
             raise ValueError(f"labels must be whole numbers (class indices), got {t[i].item()} at sample {i}; "

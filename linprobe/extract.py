@@ -92,8 +92,9 @@ def extract_split(taps: Taps, data: Any, cache: FeatureCache, split: str, *, dat
 def _check_batch(raw: Mapping[str, torch.Tensor], labels: int, cache: FeatureCache, split: str, batch: int) -> None:
     """Each layer gives one row per label and the per-sample shape recorded from the first batch."""
     for name, h in raw.items():
-        if h.shape[0] != labels:
-            raise ValueError(f"layer {name!r} gave {h.shape[0]} rows for the {labels} labels of batch {batch} of the "
+        rows = h.shape[0] if h.dim() else 0  # a scalar output has no batch axis
+        if rows != labels:
+            raise ValueError(f"layer {name!r} gave {rows} rows for the {labels} labels of batch {batch} of the "
                              f"{split} split: x and y need one label per sample, and the tapped tensor must be "
                              "batch-first (pick another with select=)")
         expected = tuple(cache.layers[name]["shape"])

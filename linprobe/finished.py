@@ -36,7 +36,7 @@ def model_fingerprint(model: nn.Module) -> str:
     h = hashlib.sha256(type(model).__qualname__.encode())
     for name, t in model.state_dict().items():
         h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())  # 0-d too
     return h.hexdigest()[:16]
 
 
@@ -211,6 +211,5 @@ def _invalid_layers(cache: FeatureCache, splits: tuple[str, ...]) -> dict[str, t
 def _save(result: ProbeResult, bank: ProbeBank, out: Path, plot: bool) -> None:
     result.save(out)
     bank.save(out / "probes")
-    probed = [info for info in result.layers if info.name in bank.layers]
-    if plot and probed:  # invalid layers have no error to draw
-        ProbeResult(probed, result.rows, result.meta).plot(out / "errors.png")
+    if plot and len(bank):  # ProbeResult.errors leaves out the layers found invalid
+        result.plot(out / "errors.png")

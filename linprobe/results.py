@@ -11,6 +11,7 @@ from typing import Any
 from linprobe.atomic import atomic_write_text
 
 COLUMNS = ("step", "layer", "split", "metric", "value")
+_TABLE_METRICS = {"top1_error": "top1", "top5_error": "top5", "balanced_error": "bal", "cross_entropy": "ce"}
 
 
 @dataclass
@@ -75,25 +76,30 @@ class ProbeResult:
         raise KeyError(f"no {metric} for layer {layer!r} on {split!r} at step {step}")
 
     def errors(self, split: str = "test", metric: str = "top1_error", step: int | None = None) -> dict[str, float]:
-        """``metric`` per layer on ``split``, in execution order."""
-        return {n: self.value(n, split, metric, step) for n in self.names}
+        """``metric`` per layer on ``split``, in execution order (layers found invalid are left out)."""
+        invalid = self.meta.get("invalid", {})
+        return {n: self.value(n, split, metric, step) for n in self.names if n not in invalid}
 
     def table(self, step: int | None = None) -> str:
         """A fixed-width text table, one row per layer: size, reduction, L2, chance and errors per split."""
         step = self.steps[-1] if step is None else step
         splits = [s for s in ("train", "valid", "test") if any(r.split == s and r.step == step for r in self.rows)]
-        metrics = [m for m in ("top1_error", "top5_error", "cross_entropy") if any(r.metric == m for r in self.rows)]
+        metrics = [m for m in _TABLE_METRICS if any(r.metric == m for r in self.rows)]
         head = ["layer", "shape", "features", "reduction", "l2", "chance"] + [
-            f"{s} {m.replace('_error', '').replace('cross_entropy', 'ce')}" for m in metrics for s in splits]
+            f"{s} {_TABLE_METRICS[m]}" for m in metrics for s in splits]
+        invalid = self.meta.get("invalid", {})
         lines = []
         for info in self.layers:
             have = {(r.split, r.metric): r.value for r in self.rows if r.step == step and r.layer == info.name}
             cells = [info.name, "x".join(map(str, info.shape)), f"{info.features_in}->{info.features_out}",
                      _describe(info.reduction), "-" if info.l2 is None else f"{info.l2:.0e}", f"{info.chance_error:.3f}"]
-            cells += [f"{have[(s, m)]:.4f}" if (s, m) in have else "-" for m in metrics for s in splits]
+            if info.name in invalid:
+                cells.append(f"invalid: {invalid[info.name]}")
+            else:
+                cells += [f"{have[(s, m)]:.4f}" if (s, m) in have else "-" for m in metrics for s in splits]
             lines.append(cells)
-        widths = [max(len(c) for c in col) for col in zip(head, *lines)]
-        return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in [head, *lines])
+        widths = [max(len(c) for c in col) for col in zip(head, *[r for r in lines if len(r) == len(head)])]
+        return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths + [0])).rstrip() for row in [head, *lines])
 
     def to_csv(self) -> str:
         """The tidy table as CSV text."""

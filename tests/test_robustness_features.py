@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import linprobe as lp
+from linprobe.reduce import parse_reduction
 
 FAST = {"l2_path": (1.0,), "progress": False}
 
@@ -50,8 +51,8 @@ def test_nan_and_inf_layers_are_invalid_and_the_others_unaffected(tmp_path) -> N
     train[0][5, 0] = -1.0  # log -> NaN at sample 5 (batch 1 of 4 samples)
     valid[0][2, 1] = 0.0  # 1/x -> Inf at sample 2 of valid
     model = Branches(fc=nn.Linear(4, 3), log=Fn(lambda x: x[:, :1].log()), inv=Fn(lambda x: 1 / x[:, 1:2]))
-    result = lp.probe(model, train, valid, _data(8, seed=2), layers=["fc", "log", "inv"], batch_size=4, out_dir=tmp_path,
-                      **FAST)
+    result = lp.probe(model, train, valid, _data(8, seed=2), layers=["fc", "log", "inv"], batch_size=4,
+                      out_dir=tmp_path, **FAST)
     assert result.meta["invalid"] == {"log": "NaN at sample 5 of the train split (batch 1)",
                                       "inv": "Inf at sample 2 of the valid split (batch 0)"}
     assert result.value("log", "train", "invalid") == 5 and result.value("inv", "valid", "invalid") == 2
@@ -96,4 +97,15 @@ def test_integer_bool_and_half_outputs_are_probed_as_float32() -> None:
     result = lp.probe(model, _data(8), _data(8, seed=1), layers=["ints", "bools", "halves", "floats"], **FAST)
     assert [i.features_out for i in result.layers] == [4, 4, 4, 4]
     assert all(np.isfinite(r.value) for r in result.rows)
-    assert [r.value for r in result.rows if r.layer == "halves"] == [r.value for r in result.rows if r.layer == "floats"]
+    values = {layer: [r.value for r in result.rows if r.layer == layer] for layer in ("halves", "floats")}
+    assert values["halves"] == values["floats"]
+
+
+def test_reductions_that_cannot_fit_in_memory_or_are_empty_are_refused_up_front() -> None:
+    with pytest.raises(ValueError, match=r"project 2097152->8192 needs a 64.0 GiB random matrix.*'subset:K'"):
+        parse_reduction("project:8192", (32, 256, 256))
+    with pytest.raises(ValueError, match="positive number of features, got 0"):
+        parse_reduction("auto", (32, 256, 256), budget=0)
+    for spec in ("subset:0", "pool:0", "pool:x", "project:-3"):
+        with pytest.raises(ValueError, match="K a positive integer"):
+            parse_reduction(spec, (3, 8, 8))

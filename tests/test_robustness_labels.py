@@ -83,5 +83,6 @@ def test_a_single_training_class_is_an_error() -> None:
 
 def test_fewer_training_samples_than_classes_names_the_missing_ones() -> None:
     train, valid = _data(torch.tensor([0, 1, 2])), _data(torch.arange(5))
-    with pytest.raises(ValueError, match=r"class\(es\) \[3, 4\] occur in the valid split but not in train \(which has 3"):
+    message = r"class\(es\) \[3, 4\] occur in the valid split but not in train \(which has 3 classes\)"
+    with pytest.raises(ValueError, match=message):
         lp.probe(nn.Identity(), train, valid, layers="input", progress=False)
