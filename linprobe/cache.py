@@ -113,6 +113,20 @@ class ShardWriter:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
+_VERIFIED: set[tuple[str, int, int, str]] = set()
+
+
+def _verify(path: Path, arr: np.ndarray, digest: str, root: Path) -> None:
+    """Check a file against its manifest checksum, once per process while its size and mtime stay the same."""
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns, digest)
+    if key in _VERIFIED:
+        return
+    if hashlib.sha256(np.ascontiguousarray(arr).data).hexdigest() != digest:
+        raise CacheError(f"{path} does not match its checksum (truncated or modified); delete {root} and extract again")
+    _VERIFIED.add(key)
+
+
 class FeatureCache:
     """One cache folder for one (model, layers, reductions) key: read, write and validate splits."""
 
@@ -201,9 +215,8 @@ class FeatureCache:
         for shard in self._entry(split)["shards"]:
             folder = self.root / split / shard["name"]
             arr = self._open(folder / file)
-            if verify and hashlib.sha256(np.ascontiguousarray(arr).data).hexdigest() != shard["sha256"][file]:
-                raise CacheError(f"{folder / file} does not match its checksum (truncated or modified); "
-                                 f"delete {self.root} and extract again")
+            if verify:
+                _verify(folder / file, arr, shard["sha256"][file], self.root)
             parts.append(arr)
             order.append(self._open(folder / "index.npy"))
         if len(parts) == 1:
