@@ -44,31 +44,31 @@ def draw_model(names: Sequence[str], path: str | Path, *, errors: Mapping[str, f
     output shape (printed in the box). ``errors`` colours probes on a scale from ``vmin`` to ``vmax``
     (default: the smallest and largest error); pass the same scale to compare several diagrams.
     """
-    branches = {k: list(v) for k, v in (branches or {}).items()}
+    branches, skips, shapes = {k: list(v) for k, v in (branches or {}).items()}, skips or {}, shapes or {}
     layers = _check_layout(names, branches)
     probed = set(layers) if probed is None else set(probed)
     _check_known("probed", probed, layers)
-    _check_known("shapes", shapes or {}, layers)
-    _check_known("skips", set(skips or {}) | set((skips or {}).values()), names)
+    _check_known("shapes", shapes, layers)
+    _check_known("skips", {*skips, *skips.values()}, layers)
     errors = _check_errors(errors or {}, probed)
     cmap_norm = _norm(errors, vmin, vmax)
 
     positions = _positions(names, branches)
     fig_w = max(6.0, 0.55 * (max(x for x, _ in positions.values()) + 2 * _DX))
     fig, ax = plt.subplots(figsize=(fig_w, 7.5 if branches else 4.8))
-    _draw_path(ax, names, 0.0, 0.0, shapes or {})
+    _draw_path(ax, names, 0.0, 0.0, shapes)
     for point, branch in branches.items():
-        _draw_path(ax, branch, *positions[branch[0]], shapes or {}, branch_from=positions[point])
-    for src, dst in (skips or {}).items():
+        _draw_path(ax, branch, *positions[branch[0]], shapes, branch_from=positions[point])
+    for src, dst in skips.items():
         _draw_skip(ax, positions[src], positions[dst])
-    for name in probed:
+    for name in (n for n in layers if n in probed):
         x, y = positions[name]
         up = y == 0  # main-path probes above the path, branch probes below their branch
         color = ERROR_CMAP(cmap_norm(errors[name])) if name in errors else "white"
         _draw_probe(ax, x, y, up=up, color=color, label=f"{errors[name]:.1%}" if name in errors else "p")
     if errors:
         sm = plt.cm.ScalarMappable(norm=cmap_norm, cmap=ERROR_CMAP)
-        fig.colorbar(sm, ax=ax, fraction=0.025, pad=0.01, label="probe error (red bad, blue good)")
+        fig.colorbar(sm, ax=ax, fraction=0.025, pad=0.01, shrink=0.6, label="probe error (red bad, blue good)")
     ax.set_title(title or "probes behind diodes: features flow to each probe, no gradient flows back")
     ax.set_aspect("equal")
     ax.autoscale_view()

@@ -79,7 +79,7 @@ def plot_heatmap(result: ProbeResult, path: str | Path | None = None, *, split: 
                  metric: str = "top1_error", title: str | None = None) -> Any:
     """Layers (across) by measured steps (down) coloured by probe error, red bad to green/blue good (001 Fig. 5, 9).
 
-    The colour scale runs from 0 to 1; the chance level is dotted on the colour bar.
+    The colour scale runs from 0 to 1; a black line on the colour bar marks the chance level.
     """
     names, steps = result.names, result.steps
     grid = [list(result.errors(split, metric, step).values()) for step in steps]
@@ -93,7 +93,30 @@ def plot_heatmap(result: ProbeResult, path: str | Path | None = None, *, split: 
     ax.set_ylabel("step (minibatches)")
     chance = max(info.chance_error for info in result.layers)
     bar = fig.colorbar(image, ax=ax)
-    bar.ax.axhline(chance, color="black", linestyle=":", linewidth=2)
-    bar.set_label(f"probe {split} error (dotted: chance {chance:.2f})")
+    bar.ax.axhline(chance, color="black", linewidth=2)
+    bar.set_label(f"probe {split} error (black line: chance, {chance:.2f})")
     ax.set_title(title or f"probe {split} error per layer and step")
+    return save_figure(fig, path) if path is not None else fig
+
+
+def plot_error_by_depth(result: ProbeResult, path: str | Path | None = None, *, split: str = "test",
+                        step: int | None = None, title: str | None = None) -> Any:
+    """Bar chart of top-1 error per layer for deep stacks (002 Figs. 7-8): fixed width, a label every few layers.
+
+    Bars stand at each layer's position in execution order (0 for the input); y runs from 0 to 1 and the
+    chance level is dotted.
+    """
+    errors = result.errors(split, step=step)
+    position = {name: k for k, name in enumerate(result.names)}
+    fig, ax = plt.subplots(figsize=(10, 3.5))
+    ax.bar([position[n] for n in errors], list(errors.values()), width=0.85, color="tab:blue")
+    chance = max(info.chance_error for info in result.layers)
+    ax.axhline(chance, linestyle=":", color="black", label=f"chance ({chance:.2f})")
+    every = max(1, len(result.names) // 16)
+    ax.set_xticks(range(0, len(result.names), every), result.names[::every], rotation=90, fontsize=7)
+    ax.set_xlim(-1, len(result.names))
+    ax.set_ylim(0, 1)
+    ax.set_ylabel(f"{split} error (linear probe)")
+    ax.set_title(title or f"probe {split} error per layer")
+    ax.legend(loc="upper right")
     return save_figure(fig, path) if path is not None else fig

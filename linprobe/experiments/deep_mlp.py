@@ -1,9 +1,13 @@
 """deep-mlp: a 128-layer MLP on MNIST, plain, with auxiliary heads, or with a skip to layer 64 (002 Figs. 6-8).
 
 Exact probes on the input and the layers are fitted on the frozen model at chosen minibatches
-(0, 500 and 5000 by default), one table over all moments. The paper: the plain model cannot be
+(0, 500 and 5000 by default) and gathered in one table. The paper: the plain model cannot be
 trained; a linear head every 16 layers makes it trainable (Fig. 7); feeding the input to layer 64
 as well leaves layers 1-63 useless while layers 64-128 learn (Fig. 8).
+
+The quick setting scales the design down to 64 layers of 64 units, with the skip into layer 32 and
+a head every 8 layers: at full size the skip model needs thousands of minibatches before its upper
+half learns anything, far beyond a run of seconds.
 """
 from __future__ import annotations
 
@@ -17,8 +21,8 @@ import torch
 import linprobe as lp
 from linprobe.experiments.report import Summary
 from linprobe.experiments.training import model_error, train_epochs
-from linprobe.models import MLP, deep_mlp
-from linprobe.plots import plot_heatmap, plot_layer_errors
+from linprobe.models import DEEP_MLP_VARIANTS, MLP, deep_mlp
+from linprobe.plots import plot_error_by_depth, plot_heatmap
 
 CLAIMS = {
     "plain": "the 128-layer MLP cannot be trained by gradient descent: its deep layers stay useless",
@@ -28,21 +32,49 @@ CLAIMS = {
             "layers 64-128 learn; untrained, the error has two bumps, low at the input and again at layer 64 (Fig. 8)",
 }
 BATCH_SIZE = 120  # 003: 60,000 images x 10 epochs / 5,000 minibatches
+NOTES = [
+    "training follows 003 (centred RMSProp, lr 1e-5, decay 0.9, momentum 0.9, minibatches of 120, 5000 "
+    "minibatches); the one translation is torch's eps = 1e-5 for TensorFlow's epsilon = 1e-10 inside the square "
+    "root, which floors the step denominator and so decides how far the vanishing gradients move the weights",
+    "data='mnist' (the bundled 5,000 images) leaves 3,500 for training, so 5000 minibatches are about 170 epochs "
+    "(002 and 003: 60,000 images, 10 epochs)",
+    "the paper plots the probes' train error; we report test error (train and valid are in results.csv); probes "
+    "are exact (L-BFGS to convergence) on a fixed subset of the training images with the L2 chosen on valid from a "
+    "two-point path, so that 3 x 129 probes fit the time budget (sizes under Settings)",
+    "aux: heads after layers 16, 32, ..., 112 plus the classifier after 128, one loss every 16 layers as 002 "
+    "describes (003's code puts them after layers 1, 17, ..., 113 and 128); skip: the input is concatenated into "
+    "layer 64 as 002 describes (003 adds a projection of it instead)",
+]
 
 
 @dataclass(frozen=True)
 class Settings:
-    """The minibatches at which to probe, which layers, the probe's training samples and L2 path, the learning rate."""
+    """The model's size, the learning rate, and when, where and how the probes are fitted.
 
+    The skip goes into layer ``depth / 2`` and the heads sit every ``depth / 8`` layers, as 64 and 16
+    do at the paper's depth of 128.
+    """
+
+    depth: int
+    width: int
+    lr: float
     steps: tuple[int, ...]
     probe_every: int
     probe_train: int
     l2_path: tuple[float, ...]
-    lr: float
+
+    @property
+    def skip_to(self) -> int:
+        return self.depth // 2
+
+    @property
+    def aux_every(self) -> int:
+        return self.depth // 8
 
 
-QUICK = Settings(steps=(0, 200), probe_every=8, probe_train=1000, l2_path=(1e-1, 1e-3), lr=1e-4)
-FULL = Settings(steps=(0, 500, 5000), probe_every=1, probe_train=3500, l2_path=(1e-1, 1e-2, 1e-3), lr=1e-5)
+QUICK = Settings(depth=64, width=64, lr=1e-4, steps=(0, 400), probe_every=8, probe_train=1000, l2_path=(1e-2, 1e-3))
+FULL = Settings(depth=128, width=128, lr=1e-5, steps=(0, 500, 5000), probe_every=1, probe_train=2000,
+                l2_path=(1e-2, 1e-3))
 
 
 def rmsprop(model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
@@ -64,83 +96,129 @@ def train_minibatches(model: torch.nn.Module, train: lp.ArrayDataset, optimizer:
         train_epochs(model, train.subset(part), optimizer, epochs=1, batch_size=BATCH_SIZE, seed=seed)
 
 
-def probed_layers(model: MLP, every: int) -> list[str]:
-    """The input, then every ``every``-th layer up to the last."""
-    return ["input", *model.layer_names[every - 1::every]]
+def layer_index(name: str) -> int:
+    """0 for ``"input"``, k for ``"layerk"``."""
+    return 0 if name == "input" else int(name.removeprefix("layer"))
 
 
-def block_means(errors: dict[str, float], *, block: int = 16) -> dict[str, float]:
-    """Mean error over layers 1-16, 17-32, ... (those probed), keyed ``"1-16"``."""
-    depth = max(int(n.removeprefix("layer")) for n in errors if n != "input")
-    out = {}
-    for start in range(1, depth + 1, block):
-        inside = [e for n, e in errors.items() if n != "input" and start <= int(n.removeprefix("layer")) < start + block]
-        if inside:
-            out[f"{start}-{start + block - 1}"] = statistics.fmean(inside)
-    return out
+def range_mean(errors: dict[str, float], first: int, last: int) -> float:
+    """Mean error over the probed layers ``first`` to ``last`` inclusive (NaN when none was probed)."""
+    inside = [e for n, e in errors.items() if first <= layer_index(n) <= last]
+    return statistics.fmean(inside) if inside else math.nan
 
 
-def layer_range_mean(errors: dict[str, float], first: int, last: int) -> float:
-    """Mean error over the probed layers ``first`` to ``last``, inclusive."""
-    return statistics.fmean(e for n, e in errors.items() if n != "input" and first <= int(n.removeprefix("layer")) <= last)
+def block_means(errors: dict[str, float], *, block: int, depth: int) -> dict[str, float]:
+    """Mean error over layers 1 to ``block``, ``block + 1`` to ``2 * block``, ..., keyed like ``"1-16"``."""
+    return {f"{a}-{a + block - 1}": range_mean(errors, a, a + block - 1) for a in range(1, depth + 1, block)}
 
 
-def verdict(variant: str, errors: dict[str, float], chance: float) -> bool:
-    """The paper's qualitative claim for ``variant`` on the last moment's probe errors."""
-    deep = layer_range_mean(errors, 113, 128)
+def verdict(variant: str, errors: dict[str, float], *, chance: float, settings: Settings) -> bool:
+    """The paper's claim for ``variant``, read from the probe errors of the last moment.
+
+    plain: the last quarter of the layers stays near chance; aux: it gets well below chance;
+    skip: the layers from the skip on learn, those below it stay clearly worse.
+    """
+    depth, skip = settings.depth, settings.skip_to
+    deep = range_mean(errors, depth - depth // 4 + 1, depth)
     if variant == "plain":
-        return deep > 0.7 * chance
+        return deep > 0.8 * chance
     if variant == "aux":
-        return deep < 0.5 * chance
-    return layer_range_mean(errors, 1, 63) - layer_range_mean(errors, 64, 128) > 0.25 * chance
+        return deep < 0.4 * chance
+    learned = range_mean(errors, skip, depth)
+    return learned < 0.4 * chance and range_mean(errors, 1, skip - 1) > learned + 0.2 * chance
 
 
-def run(out: Path, *, quick: bool = False, data: str = "mnist", seed: int = 0, progress: bool = True,
-        variant: str = "plain", steps: list[int] | None = None) -> Summary:
-    """Train the deep MLP with RMSProp, probing every layer on the frozen model at each of ``steps``."""
-    settings = QUICK if quick else FULL
-    moments = sorted(set(steps if steps is not None else settings.steps))
-    splits = lp.standard_splits(data, seed=seed)
+def train_and_probe(model: MLP, splits: dict[str, lp.ArrayDataset], settings: Settings, *, moments: list[int],
+                    cache: Path, seed: int, progress: bool) -> lp.ProbeResult:
+    """Train, stopping at each moment for exact probes on the frozen model; one table over the moments.
+
+    Probes train on a fixed seeded subset of the training split, choose their L2 on valid, report on test.
+    The model's own test error at each moment goes to ``meta["model_test_error"]``, keyed by the step as text.
+    """
     train, valid, test = splits["train"], splits["valid"], splits["test"]
     probe_train = train.subset(torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
                                [:settings.probe_train])
-    model = deep_mlp(variant=variant, in_features=train.x[0].numel(), num_classes=train.num_classes, seed=seed)
+    layers = ["input", *model.layer_names[settings.probe_every - 1::settings.probe_every]]
     optimizer = rmsprop(model, settings.lr)
-    layers = probed_layers(model, settings.probe_every)
     results, model_errors, done = [], {}, 0
     for step in moments:
         train_minibatches(model, train, optimizer, count=step - done, seed=seed + step)
         done = step
-        results.append(lp.probe(model, probe_train, valid, test, layers=layers, cache_dir=out / "cache", reduce="none",
+        results.append(lp.probe(model, probe_train, valid, test, layers=layers, cache_dir=cache, reduce="none",
                                 l2_path=settings.l2_path, step=step, progress=progress, plot=False))
-        model_errors[step] = model_error(model, test)
+        model_errors[str(step)] = model_error(model, test)
     result = lp.ProbeResult.concat(results)
-    result.save(out)
-    figures = [plot_layer_errors(result, out / f"errors_step{step}.png", step=step,
-                                 title=f"deep-mlp ({variant}): probe test error after {step} minibatches").name
-               for step in moments]
-    figures.append(plot_heatmap(result, out / "heatmap.png",
-                                title=f"deep-mlp ({variant}): probe test error per layer and minibatch").name)
-    chance = max(info.chance_error for info in result.layers)
-    findings = []
-    for step in moments:
+    result.meta["model_test_error"] = model_errors
+    return result
+
+
+def plot_moments(result: lp.ProbeResult, out: Path, variant: str) -> list[str]:
+    """A bar chart of the error per layer for each moment, then the layer x minibatch heatmap; their file names."""
+    paths = [plot_error_by_depth(result, out / f"errors_step{step}.png", step=step,
+                                 title=f"deep-mlp ({variant}): probe test error after {step} minibatches")
+             for step in result.steps]
+    paths.append(plot_heatmap(result, out / "heatmap.png",
+                              title=f"deep-mlp ({variant}): probe test error per layer and minibatch"))
+    return [p.name for p in paths]
+
+
+def findings(result: lp.ProbeResult, settings: Settings) -> list[str]:
+    """Per moment the input, each block of layers and the model's own error; then the ranges the claims are about."""
+    depth, skip = settings.depth, settings.skip_to
+    lines = []
+    for step in result.steps:
         errors = result.errors("test", step=step)
-        blocks = ", ".join(f"{k}: {v:.0%}" for k, v in block_means(errors).items())
-        findings.append(f"after {step} minibatches: input {errors['input']:.1%}; layers {blocks}; "
-                        f"the model's own test error {model_errors[step]:.1%}")
-    last = result.errors("test", step=moments[-1])
-    findings.append(f"after {moments[-1]} minibatches: layers 1-63 {layer_range_mean(last, 1, 63):.1%}, "
-                    f"layers 64-128 {layer_range_mean(last, 64, 128):.1%}, layers 113-128 "
-                    f"{layer_range_mean(last, 113, 128):.1%} (chance {chance:.1%})")
-    return Summary(f"deep-mlp ({variant})", CLAIMS[variant], findings, verdict(variant, last, chance),
-                   figures=figures, tables=[r.table() for r in results],
-                   settings={"data": data, "variant": variant, "model": "128 x Linear(128) + LeakyReLU(0.5), Glorot "
-                             "normal" + {"plain": "", "aux": ", linear heads after layers 16, 32, ..., 112 (loss added)",
-                                         "skip": ", input concatenated into layer 64"}[variant],
-                             "train/valid/test": f"{len(train)}/{len(valid)}/{len(test)}",
-                             "optimiser": f"centred RMSProp lr {settings.lr:g}, decay 0.9, momentum 0.9, eps 1e-5; "
-                                          f"batch {BATCH_SIZE}",
-                             "probed at minibatches": moments, "probed layers": f"input and every {settings.probe_every}"
-                             f" layer(s) ({len(layers)} probes)", "probe train/valid/test samples":
-                             f"{len(probe_train)}/{len(valid)}/{len(test)}", "l2 path": settings.l2_path,
-                             "reported error": "test split", "torch threads": torch.get_num_threads(), "seed": seed})
+        blocks = block_means(errors, block=settings.aux_every, depth=depth)
+        lines.append(f"after {step} minibatches: input {errors['input']:.1%}; layers "
+                     + ", ".join(f"{k} {v:.0%}" for k, v in blocks.items())
+                     + f"; the model's own test error {result.meta['model_test_error'][str(step)]:.1%}")
+    last = result.errors("test")
+    chance = max(info.chance_error for info in result.layers)
+    lines.append(f"after {result.steps[-1]} minibatches: layers 1-{skip - 1} {range_mean(last, 1, skip - 1):.1%}, "
+                 f"{skip}-{depth} {range_mean(last, skip, depth):.1%}, last quarter "
+                 f"{range_mean(last, depth - depth // 4 + 1, depth):.1%} (chance {chance:.1%})")
+    return lines
+
+
+def described(settings: Settings, variant: str, splits: dict[str, lp.ArrayDataset],
+              moments: list[int]) -> dict[str, object]:
+    """The settings section of the summary."""
+    extra = {"plain": "", "skip": f"; layer {settings.skip_to} also gets the flattened input (concatenated)",
+             "aux": f"; linear heads after every {settings.aux_every} layers, their losses added to the model's"}
+    sizes = {k: len(v) for k, v in splits.items()}
+    return {"model": f"{settings.depth} x Linear({settings.width}) + LeakyReLU(0.5), Glorot normal, zero bias, "
+                     f"linear classifier on top{extra[variant]}",
+            "train/valid/test": f"{sizes['train']}/{sizes['valid']}/{sizes['test']}",
+            "optimiser": f"centred RMSProp, lr {settings.lr:g}, decay 0.9, momentum 0.9, eps 1e-5 (TF's 1e-10 "
+                         f"inside the root); minibatches of {BATCH_SIZE}",
+            "probed at minibatches": moments,
+            "probed layers": f"the input and every {settings.probe_every} layer(s)",
+            "probe train/valid/test samples": f"{min(settings.probe_train, sizes['train'])}/{sizes['valid']}/"
+                                              f"{sizes['test']}",
+            "l2 path": settings.l2_path, "reported error": "test split",
+            "torch threads": torch.get_num_threads()}
+
+
+def run(out: Path, *, quick: bool = False, data: str = "mnist", seed: int = 0, progress: bool = True,
+        variant: str = "plain", steps: list[int] | None = None) -> Summary:
+    """Train the deep MLP ``variant`` with RMSProp, probing the input and its layers at each of ``steps``."""
+    if variant not in DEEP_MLP_VARIANTS:
+        raise ValueError(f"variant must be one of {DEEP_MLP_VARIANTS}, got {variant!r}")
+    settings = QUICK if quick else FULL
+    moments = sorted(set(steps if steps is not None else settings.steps))
+    splits = lp.standard_splits(data, seed=seed)
+    train = splits["train"]
+    model = deep_mlp(variant=variant, depth=settings.depth, width=settings.width, in_features=train.x[0].numel(),
+                     num_classes=train.num_classes, aux_every=settings.aux_every, skip_to=settings.skip_to, seed=seed)
+    result = train_and_probe(model, splits, settings, moments=moments, cache=out / "cache", seed=seed,
+                             progress=progress)
+    result.save(out)
+    figures = plot_moments(result, out, variant)
+    chance = max(info.chance_error for info in result.layers)
+    agrees = verdict(variant, result.errors("test"), chance=chance, settings=settings)
+    notes = NOTES + ([f"quick: the design scaled to {settings.depth} layers of {settings.width} units (see the "
+                      f"module docstring), lr {settings.lr:g}"] if quick else [])
+    return Summary(f"deep-mlp ({variant})", CLAIMS[variant], findings(result, settings), agrees,
+                   settings={"data": data, "variant": variant, **described(settings, variant, splits, moments),
+                             "seed": seed},
+                   figures=figures, tables=[result.table(step) for step in moments], notes=notes)

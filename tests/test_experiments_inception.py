@@ -1,0 +1,91 @@
+"""The inception experiment (001 Fig. 5, 9, App. C), quick setting: four moments on the same feature subsets."""
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+import linprobe as lp
+from linprobe.experiments import reproduce
+from linprobe.experiments.inception import QUICK, aux_lead
+from linprobe.experiments.report import Summary
+from linprobe.models import inception_probe_points, small_inception
+
+PROBES = inception_probe_points(small_inception())
+
+
+@pytest.fixture(scope="module")
+def inception_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Summary]]:
+    """One quick run shared by the tests; one thread, as small matmuls crawl when a busy core is shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("inception")
+    try:
+        yield out, reproduce("inception", out, quick=True, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_four_moments_of_seventeen_probes(inception_run: tuple[Path, Summary]) -> None:
+    out, summary = inception_run
+    result = lp.ProbeResult.load(out)
+    assert result.steps == list(QUICK.steps) and len(result.steps) == 4
+    assert result.names == PROBES and len(PROBES) == 17
+    for step in result.steps:
+        assert len(result.errors("valid", step=step)) == 17
+        assert lp.ProbeResult.load(out / f"step_{step}").steps == [step]
+    assert set(result.meta["model_valid_error"]) == {str(s) for s in result.steps}  # JSON keys
+    assert "**Paper:**" in (out / "summary.md").read_text() and summary.settings["moments (minibatches)"]
+
+
+def test_the_same_subset_indices_at_every_moment(inception_run: tuple[Path, Summary]) -> None:
+    out = inception_run[0]
+    per_step = [{layer["name"]: layer["reduction"] for layer in json.loads((out / f"step_{s}" / "results.json")
+                                                                         .read_text())["layers"]}
+                for s in QUICK.steps]
+    first = per_step[0]
+    assert all(r == first for r in per_step[1:])
+    for layer in json.loads((out / f"step_{QUICK.steps[0]}" / "results.json").read_text())["layers"]:
+        reduction = first[layer["name"]]
+        assert reduction["kind"] == "subset" and reduction["in_features"] == layer["features_in"]
+        assert len(reduction["indices"]) == min(QUICK.subset, layer["features_in"]) == layer["features_out"]
+    big = [r["indices"] for r in first.values() if r["in_features"] > QUICK.subset]
+    assert len({tuple(i) for i in big}) == len(big) > 10  # each layer its own random subset
+
+
+def test_final_moment_errors_below_chance(inception_run: tuple[Path, Summary]) -> None:
+    result = lp.ProbeResult.load(inception_run[0])
+    chance = result.layers[0].chance_error
+    for split in ("valid", "test"):
+        errors = result.errors(split, step=result.steps[-1])
+        assert max(errors.values()) < chance - 0.3, (split, errors)
+
+
+def test_one_coloured_diagram_per_moment(inception_run: tuple[Path, Summary]) -> None:
+    out, summary = inception_run
+    for step in QUICK.steps:
+        assert (out / f"inception_step_{step}.png").read_bytes()[:4] == b"\x89PNG"
+        assert f"inception_step_{step}.png" in summary.figures
+    assert (out / "inception_errors.png").stat().st_size > 0
+
+
+def test_rejects_negative_moments(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="steps"):
+        reproduce("inception", tmp_path, quick=True, progress=False, steps=[-5, 10])
+
+
+def _moment(step: int, aux: float, main: float) -> lp.ProbeResult:
+    result = lp.ProbeResult([])
+    result.add(step, "aux_head", "valid", {"top1_error": aux})
+    result.add(step, "logits", "valid", {"top1_error": main})
+    return result
+
+
+@pytest.mark.parametrize("aux, main, lead", [(0.15, 0.20, True), (0.25, 0.20, False), (0.201, 0.203, None)])
+def test_aux_lead_at_the_first_trained_moment(aux: float, main: float, lead: bool | None) -> None:
+    got, words = aux_lead([_moment(0, 0.9, 0.3), _moment(100, aux, main), _moment(400, 0.5, 0.1)], n_valid=6000)
+    assert got is lead and "step 100" in words
+    assert aux_lead([_moment(0, 0.1, 0.5)], n_valid=6000)[0] is None  # untrained only: nothing leads
