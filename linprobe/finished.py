@@ -59,7 +59,8 @@ def probe(model: nn.Module, train: Any, valid: Any, test: Any = None, *, layers:
           feature_budget: int = DEFAULT_FEATURE_BUDGET, dtype: str = "float32",
           l2_path: tuple[float, ...] = DEFAULT_L2_PATH, batch_size: int = 256, seed: int = 0,
           select: Selector | Mapping[str, Selector] | None = None, tokens: TokenReduction = None,
-          repeat: str = "error", step: int = 0, progress: bool = True, plot: bool = True) -> ProbeResult:
+          repeat: str = "error", step: int = 0, progress: bool = True, plot: bool = True,
+          max_iter: int = 500, patience: int | None = 2, warm_start: ProbeBank | None = None) -> ProbeResult:
     """Probe every chosen layer of a finished model: train / valid (/ test) error, top-5, cross-entropy.
 
     Data are Datasets, DataLoaders or ``(x, y)`` arrays. Features are cached under
@@ -71,6 +72,10 @@ def probe(model: nn.Module, train: Any, valid: Any, test: Any = None, *, layers:
     Labels may be any whole numbers >= 0; the classes found in train become probe outputs 0..K-1 in
     ascending order (``meta["classes"]``). A layer with a NaN or Inf in any split gets no probe: it
     is reported in ``meta["invalid"]`` and by one ``invalid`` row holding the first offending sample.
+
+    ``max_iter`` (L-BFGS iterations per L2) and ``patience`` (stop the L2 path after that many rises
+    of valid cross-entropy; None fits it all) set the solver; ``warm_start`` (the ``probes`` of an
+    earlier result, e.g. the previous checkpoint) starts each layer's fit from its earlier probe.
     """
     splits = {"train": as_dataset(train), "valid": as_dataset(valid)}
     if test is not None:
@@ -84,7 +89,8 @@ def probe(model: nn.Module, train: Any, valid: Any, test: Any = None, *, layers:
                         tokens=tokens, select=getattr(select, "__qualname__", select), repeat=repeat)
         cache = stack.enter_context(FeatureCache(root / "features" / key, key).locked())
         stats = _extract_all(taps, splits, cache, reduce, feature_budget, seed, dtype, batch_size, progress)
-        result, bank = _fit_all(cache, "test" in splits, l2_path, model_device(model), step, progress)
+        fit = {"l2_path": l2_path, "max_iter": max_iter, "patience": patience}
+        result, bank = _fit_all(cache, "test" in splits, fit, model_device(model), step, progress, warm_start)
         result.meta.update(cache=str(cache.root), extraction_samples_per_s=stats, model=type(model).__name__,
                            extracted_in_eval_mode=True, model_was_training=was_training)
         out = out_dir if out_dir is not None else cache_dir
@@ -133,8 +139,8 @@ def _labels(cache: FeatureCache, split: str, device: torch.device) -> torch.Tens
     return torch.from_numpy(np.array(cache.labels(split))).to(device)
 
 
-def _fit_all(cache: FeatureCache, has_test: bool, l2_path: tuple[float, ...], device: torch.device, step: int,
-             progress: bool) -> tuple[ProbeResult, ProbeBank]:
+def _fit_all(cache: FeatureCache, has_test: bool, fit: Mapping[str, Any], device: torch.device, step: int,
+             progress: bool, warm_start: ProbeBank | None = None) -> tuple[ProbeResult, ProbeBank]:
     """Fit one probe per valid cached layer (L2 chosen on valid), then evaluate every probe once on test."""
     y_train = _labels(cache, "train", device)
     classes = _classes(y_train)
@@ -159,8 +165,8 @@ def _fit_all(cache: FeatureCache, has_test: bool, l2_path: tuple[float, ...], de
         x_train = _load(cache, "train", name, device)
         read_seconds += time.perf_counter() - start
         x_valid = _load(cache, "valid", name, device)
-        probe.fit(x_train, y_train, x_valid, y_valid, l2_path=l2_path,
-                  standardizer=Standardizer.fit(cache.chunks("train", name)))
+        probe.fit(x_train, y_train, x_valid, y_valid, standardizer=Standardizer.fit(cache.chunks("train", name)),
+                  init=_earlier(warm_start, probe), **fit)
         info.l2 = probe.l2
         result.add(step, name, "valid", {"l2": probe.l2})
         for split, x, y in (("train", x_train, y_train), ("valid", x_valid, y_valid)):
@@ -173,6 +179,14 @@ def _fit_all(cache: FeatureCache, has_test: bool, l2_path: tuple[float, ...], de
             logits = probe.logits(probe.standardize(_load(cache, "test", probe.layer, device)))
             result.add(step, probe.layer, "test", _metrics(logits, y_test))
     return result, bank
+
+
+def _earlier(bank: ProbeBank | None, probe: LinearProbe) -> LinearProbe | None:
+    """The earlier probe of the same layer and shape to warm-start from, if there is one."""
+    if bank is None or probe.layer not in bank.layers:
+        return None
+    old = bank[probe.layer]
+    return old if old.weight.shape == probe.weight.shape else None
 
 
 def _metrics(logits: torch.Tensor, y: torch.Tensor) -> dict[str, float]:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from linprobe.data import iter_batches
+from linprobe.data import as_labels, iter_batches
 from linprobe.extract import model_device, reduce_features, to_device
 from linprobe.metrics import chance_error
 from linprobe.reduce import DEFAULT_FEATURE_BUDGET, ReduceSpec, Reduction, resolve_reductions
@@ -89,6 +89,8 @@ class OnlineProbes(nn.Module):
         self.groups = nn.ModuleList()
         self.optimizer: torch.optim.Optimizer | None = None
         self.steps = 0
+        self.invalid: dict[str, str] = {}  # layer -> where its first NaN/Inf was seen
+        self._invalid_sample: dict[str, int] = {}
 
     def close(self) -> None:
         """Remove the hooks from the model."""
@@ -122,8 +124,8 @@ class OnlineProbes(nn.Module):
         raw = self.taps.collect()
         if self.optimizer is None:
             self._build(raw)
-        feats = reduce_features(raw, self.reductions)
-        y = y.to(next(iter(feats.values())).device)
+        feats = self._screen(reduce_features(raw, self.reductions), f"training step {self.steps}")
+        y = self._labels(y, feats)
         with torch.enable_grad():
             logits = [g(feats, learn=True) for g in self.groups]
             loss = sum(F.cross_entropy(z.flatten(0, 1), y.repeat(z.shape[0])) * z.shape[0] for z in logits)
@@ -150,13 +152,44 @@ class OnlineProbes(nn.Module):
             try:
                 for x, y in iter_batches(data, batch_size):
                     feats = reduce_features(self.taps.run(to_device(x, device)), self.reductions)
-                    y = y.to(next(iter(feats.values())).device)
+                    feats = self._screen(feats, f"the {split} data, batch {len(labels)}")
+                    y = self._labels(y, feats)
                     labels.append(y)
                     for g in self.groups:
                         _accumulate(sums, g.names, g(feats, learn=False), y)
             finally:
                 self.taps.stop_early = False
         return self._result(sums, torch.cat(labels), split, self.steps if step is None else step)
+
+    def _labels(self, y: Any, feats: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The batch's labels as class indices on the features' device, checked against the batch and classes."""
+        y = as_labels(y)
+        first = next(iter(feats.values()))
+        if len(y) != len(first):
+            raise ValueError(f"got {len(y)} labels for a batch of {len(first)} samples: pass the labels of the batch "
+                             "the model has just run on")
+        if len(y) and int(y.max()) >= self.num_classes:
+            raise ValueError(f"label {int(y.max())} is out of range for num_classes={self.num_classes}: labels must be "
+                             f"0..{self.num_classes - 1}; raise num_classes or remap the labels")
+        return y.to(first.device)
+
+    def _screen(self, feats: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
+        """Zero the features of layers holding NaN/Inf and mark those layers invalid (first occurrence kept).
+
+        Zeroed features leave a probe's weights finite, so the other probes of its group are unaffected.
+        """
+        finite = torch.stack([torch.isfinite(h).flatten(1).all(1) for h in feats.values()])  # (L, B)
+        if bool(finite.all()):
+            return feats
+        for (name, h), ok in zip(list(feats.items()), finite):
+            if not bool(ok.all()):
+                sample = int((~ok).nonzero()[0])
+                value = h[sample][~torch.isfinite(h[sample])][0].item()
+                self.invalid.setdefault(name, f"{value} at sample {sample} of {where}")
+                self._invalid_sample.setdefault(name, sample)
+                feats[name] = torch.where(ok.view(-1, *[1] * (h.ndim - 1)), h, torch.zeros((), dtype=h.dtype,
+                                                                                             device=h.device))
+        return feats
 
     def _result(self, sums: Mapping[str, torch.Tensor], y: torch.Tensor, split: str, step: int) -> ProbeResult:
         """Turn summed counts into a result table (layers in execution order)."""
@@ -167,9 +200,12 @@ class OnlineProbes(nn.Module):
             r, shape = self.reductions[name], self.shapes[name]
             result.layers.append(LayerInfo(name, shape, int(torch.tensor(shape).prod()), r.out_features(shape),
                                            r.to_dict(), chance))
+            if name in self.invalid:
+                result.add(step, name, split, {"invalid": self._invalid_sample[name]})
+                continue
             values = (sums[name] / len(y)).tolist()
             result.add(step, name, split, dict(zip(metric_names, values)))
-        result.meta["kind"] = "online"
+        result.meta.update(kind="online", **({"invalid": dict(self.invalid)} if self.invalid else {}))
         return result
 
 

@@ -293,6 +293,7 @@ def fit_l2_path(
     max_iter: int = 500,
     tol: float = 1e-5,
     patience: int | None = 2,
+    init: LinearWeights | None = None,
 ) -> PathResult:
     """Fit along an L2 path (sorted strong to weak, each fit warm-started from the previous solution)
     and choose the L2 on the validation split only.
@@ -301,7 +302,8 @@ def fit_l2_path(
     the larger L2.  Layers much wider than the number of samples are fitted exactly in their row space
     (``RowSpace``), which is several times faster.  Early stop: with ``patience=k`` the path stops once valid cross-entropy has risen
     at ``k`` consecutive points (the remaining, weaker L2s are overfitting further); ``None`` fits the
-    whole path.  Test data is never an input.
+    whole path.  ``init`` warm-starts the first (strongest) L2, e.g. from the previous checkpoint's probe;
+    it is ignored for row-space fits, whose variables are not the weights.  Test data is never an input.
     """
     l2s = sorted({float(v) for v in l2_path}, reverse=True)
     if not l2s:
@@ -310,9 +312,9 @@ def fit_l2_path(
     path: list[PathPoint] = []
     best: FitResult | None = None
     best_key: tuple[float, float, float] | None = None
-    prev: LinearWeights | None = None
     rises = 0
     row_space = RowSpace.of(X_train.detach().float()) if RowSpace.worthwhile(X_train) else None
+    prev = None if row_space is not None else init
     for l2 in l2s:
         fit = fit_logistic(row_space.z if row_space else X_train, y_train, num_classes, l2, init=prev,
                            max_iter=max_iter, tol=tol)
