@@ -5,6 +5,7 @@ import csv
 import io
 import json
 from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -80,8 +81,11 @@ class ProbeResult:
         invalid = self.meta.get("invalid", {})
         return {n: self.value(n, split, metric, step) for n in self.names if n not in invalid}
 
-    def table(self, step: int | None = None) -> str:
-        """A fixed-width text table, one row per layer: size, reduction, L2, chance and errors per split."""
+    def table(self, step: int | None = None, *, markdown: bool = False) -> str:
+        """A table, one row per layer: size, reduction, L2, chance and errors per split.
+
+        Fixed-width text for a terminal, or a markdown table (``markdown=True``) for a report page.
+        """
         step = self.steps[-1] if step is None else step
         splits = [s for s in ("train", "valid", "test") if any(r.split == s and r.step == step for r in self.rows)]
         metrics = [m for m in _TABLE_METRICS if any(r.metric == m for r in self.rows)]
@@ -94,10 +98,13 @@ class ProbeResult:
             cells = [info.name, "x".join(map(str, info.shape)), f"{info.features_in}->{info.features_out}",
                      _describe(info.reduction), "-" if info.l2 is None else f"{info.l2:.0e}", f"{info.chance_error:.3f}"]
             if info.name in invalid:
-                cells.append(f"invalid: {invalid[info.name]}")
+                filler = [""] * (len(head) - len(cells) - 1) if markdown else []  # markdown rows need every cell
+                cells += [f"invalid: {invalid[info.name]}", *filler]
             else:
                 cells += [f"{have[(s, m)]:.4f}" if (s, m) in have else "-" for m in metrics for s in splits]
             lines.append(cells)
+        if markdown:
+            return markdown_table(head, lines)
         widths = [max(len(c) for c in col) for col in zip(head, *[r for r in lines if len(r) == len(head)])]
         return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths + [0])).rstrip() for row in [head, *lines])
 
@@ -135,6 +142,14 @@ class ProbeResult:
         from linprobe.plots import plot_layer_errors
 
         return plot_layer_errors(self, path, split=split, step=step)
+
+
+def markdown_table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A markdown table with its columns padded to line up in plain text too."""
+    widths = [max(len(r[i]) for r in (head, *rows)) for i in range(len(head))]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in (head, *rows)]
+    lines.insert(1, "| " + " | ".join("-" * w for w in widths) + " |")
+    return "\n".join(lines)
 
 
 def _describe(reduction: dict[str, Any]) -> str:

@@ -11,7 +11,8 @@ import torch
 import linprobe as lp
 from linprobe.experiments import reproduce
 from linprobe.experiments.report import Summary
-from linprobe.experiments.resnet import depth_trend, markdown_table
+from linprobe.experiments.report import depth_trend
+from linprobe.results import markdown_table
 from linprobe.models import resnet_probe_points, small_resnet
 
 PROBES = resnet_probe_points(small_resnet())

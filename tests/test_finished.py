@@ -151,3 +151,26 @@ def test_class_missing_from_train_is_an_error(digits_splits):
     keep = train.y != 9
     with pytest.raises(ValueError, match=r"class\(es\) \[9\] occur in the valid split but not in train"):
         lp.probe(nn.Flatten(), ArrayDataset(train.x[keep], train.y[keep]), valid, layers="input", progress=False)
+
+
+def test_warm_start_reaches_the_same_probes_in_fewer_iterations(monkeypatch, small_net, digits_splits):
+    """A convex fit started from an earlier probe ends at the same optimum, only faster."""
+    from linprobe import solvers
+    iterations: list[int] = []
+    fit = solvers.fit_logistic
+
+    def counting(*args, **kwargs):
+        out = fit(*args, **kwargs)
+        iterations.append(out.iterations)
+        return out
+
+    monkeypatch.setattr(solvers, "fit_logistic", counting)
+    train, valid, test = digits_splits
+    options = dict(layers=["input", "layer2.relu"], reduce="none", l2_path=(1e-2,), progress=False, max_iter=1000)
+    cold = lp.probe(small_net, train, valid, test, **options)
+    cold_iterations, iterations[:] = sum(iterations), []
+    warm = lp.probe(small_net, train, valid, test, warm_start=cold.probes, **options)
+    assert sum(iterations) < cold_iterations / 2
+    for layer in ("input", "layer2.relu"):
+        assert warm.value(layer, "test") == pytest.approx(cold.value(layer, "test"), abs=0.003)
+        assert torch.allclose(warm.probes[layer].weight, cold.probes[layer].weight, atol=2e-3, rtol=2e-2)

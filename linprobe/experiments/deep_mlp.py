@@ -221,4 +221,4 @@ def run(out: Path, *, quick: bool = False, data: str = "mnist", seed: int = 0, p
     return Summary(f"deep-mlp ({variant})", CLAIMS[variant], findings(result, settings), agrees,
                    settings={"data": data, "variant": variant, **described(settings, variant, splits, moments),
                              "seed": seed},
-                   figures=figures, tables=[result.table(step) for step in moments], notes=notes)
+                   figures=figures, tables=[result.table(step, markdown=True) for step in moments], notes=notes)

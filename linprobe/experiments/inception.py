@@ -15,13 +15,13 @@ import torch
 
 import linprobe as lp
 from linprobe.diagram import draw_model, split_layout
-from linprobe.experiments.report import Summary
+from linprobe.experiments.report import Summary, depth_trend
 from linprobe.experiments.resnet import QUICK as RESNET_QUICK
-from linprobe.experiments.resnet import depth_trend, markdown_table
 from linprobe.experiments.training import at_most, model_error, train_sgd
 from linprobe.models import SmallInception, inception_layout, inception_probe_points, small_inception
 from linprobe.plots import plot_layer_curves
 from linprobe.reduce import Reduction, reduction_from_dict
+from linprobe.results import markdown_table
 
 CLAIM = ("the colours of the probes form a smooth, nearly monotone gradient along the depth (Fig. 5), and early in "
          "training the auxiliary head is slightly ahead of (lower error than) the main head (Fig. 9)")

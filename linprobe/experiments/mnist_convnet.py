@@ -52,6 +52,6 @@ def run(out: Path, *, quick: bool = False, data: str = "mnist", seed: int = 0, p
                 f"the model's own test error: {model_error(model, test):.1%}"]
     agrees = untrained["conv1_postact"] < untrained["input"] and len(improved) >= 7
     return Summary("mnist-convnet", CLAIM, findings, agrees, figures=["mnist_convnet.png"],
-                   tables=[before.table(), after.table()],
+                   tables=[before.table(markdown=True), after.table(markdown=True)],
                    settings={"data": data, "train/valid/test": f"{len(train)}/{len(valid)}/{len(test)}",
                              "epochs": epochs, "reduction": "none (every feature, as the paper)", "seed": seed})

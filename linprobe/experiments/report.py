@@ -4,7 +4,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from scipy.stats import spearmanr
+
 from linprobe.atomic import atomic_write_text
+
+RISE = 0.01  # a rise of the probe error larger than this from one layer to the next counts as a kink
 
 
 @dataclass
@@ -31,11 +35,19 @@ class Summary:
         lines += ["## Settings", "", *[f"- {k}: {v}" for k, v in self.settings.items()],
                   f"- wall time: {self.seconds:.0f} s", ""]
         lines += [f"![{f}]({f})" for f in self.figures]
-        for t in self.tables:
-            lines += ["", "```", t, "```"]
+        for t in self.tables:  # markdown tables as they are, fixed-width text in a code block
+            lines += ["", t] if t.startswith("|") else ["", "```", t, "```"]
         return "\n".join(lines) + "\n"
 
     def write(self, out: Path) -> Path:
         """Write ``summary.md`` atomically into ``out``."""
         atomic_write_text(out / "summary.md", self.markdown())
         return out / "summary.md"
+
+
+def depth_trend(errors: dict[str, float], *, rise: float = RISE) -> tuple[float, list[tuple[str, str, float]]]:
+    """Spearman correlation of error with position (-1: strictly falling) and every rise larger than ``rise``."""
+    names, values = list(errors), list(errors.values())
+    rho = float(spearmanr(range(len(values)), values).statistic)
+    rises = [(a, b, eb - ea) for a, b, ea, eb in zip(names, names[1:], values, values[1:]) if eb - ea > rise]
+    return rho, rises

@@ -6,24 +6,22 @@ from 0.99 at the input to 0.31 after add_16.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from scipy.stats import spearmanr
 
 import linprobe as lp
 from linprobe.diagram import draw_model, model_layers
-from linprobe.experiments.report import Summary
+from linprobe.experiments.report import RISE, Summary, depth_trend
 from linprobe.experiments.training import at_most, model_error, train_sgd
 from linprobe.models import resnet_probe_points, small_resnet
 from linprobe.plots import plot_errors_against_model
+from linprobe.results import markdown_table
 from linprobe.solvers import DEFAULT_L2_PATH
 
 CLAIM = ("deeper features are better at predicting the classes: the probe valid error falls almost perfectly "
          "monotonically along the depth of ResNet-50 (0.99 at the input, 0.31 after add_16, Table 4a / Fig. 4b)")
-RISE = 0.01  # a rise of the error along the depth larger than this counts against monotonicity
 
 
 @dataclass(frozen=True)
@@ -113,19 +111,3 @@ def table_4a(result: lp.ProbeResult) -> str:
         [[info.name, " x ".join(map(str, info.shape)), str(info.features_out),
           f"{result.value(info.name, 'valid'):.3f}", f"{result.value(info.name, 'test'):.3f}"]
          for info in result.layers])
-
-
-def markdown_table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """A markdown table with its columns padded to line up in plain text too."""
-    widths = [max(len(r[i]) for r in (head, *rows)) for i in range(len(head))]
-    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in (head, *rows)]
-    lines.insert(1, "| " + " | ".join("-" * w for w in widths) + " |")
-    return "\n".join(lines)
-
-
-def depth_trend(errors: dict[str, float], *, rise: float = RISE) -> tuple[float, list[tuple[str, str, float]]]:
-    """Spearman correlation of error with position (-1: strictly falling) and every rise larger than ``rise``."""
-    names, values = list(errors), list(errors.values())
-    rho = float(spearmanr(range(len(values)), values).statistic)
-    rises = [(a, b, eb - ea) for a, b, ea, eb in zip(names, names[1:], values, values[1:]) if eb - ea > rise]
-    return rho, rises

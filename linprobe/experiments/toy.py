@@ -141,4 +141,4 @@ def run(out: Path, *, quick: bool = False, data: str = "mnist", seed: int = 0, p
                 "l2 path": L2_PATH, "reported error": "test split, mean over repetitions",
                 "torch threads": torch.get_num_threads(), "seed": seed}
     return Summary("toy", CLAIM, findings(mean), agrees(mean.errors("test")), settings=settings,
-                   figures=["toy.png"], tables=[mean.table()], notes=NOTES)
+                   figures=["toy.png"], tables=[mean.table(markdown=True)], notes=NOTES)
