@@ -203,6 +203,9 @@ class Taps:
 
     def collect(self) -> dict[str, torch.Tensor]:
         """The features of the latest forward in execution order; error if a layer never ran."""
+        if not self._handles:
+            raise RuntimeError("the taps are not attached, so no forward was recorded: use `with Taps(model, layers) "
+                               "as taps:` or call taps.attach() before running the model")
         missing = [n for n in self.names if n not in self.features]
         if missing:
             raise LayerSelectionError(

@@ -149,3 +149,10 @@ def test_frozen_restores_each_module_mode(small_net):
         assert not any(m.training for m in small_net.modules())
         assert not torch.is_grad_enabled()
     assert small_net.training and small_net.layer2.training and not small_net.layer1.training
+
+
+def test_collect_without_attach_says_to_attach():
+    model = nn.Sequential(nn.Linear(3, 2))
+    taps = Taps(model, ["0"])
+    with pytest.raises(RuntimeError, match="not attached"):
+        taps.run(torch.zeros(1, 3))
