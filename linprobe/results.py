@@ -55,8 +55,13 @@ class ProbeResult:
     def concat(cls, results: list[ProbeResult]) -> ProbeResult:
         """One table from several runs over the same layers (e.g. one per training step)."""
         layers = {info.name: info for r in results for info in r.layers}
+        invalid: dict[str, str] = {}
+        for r in results:  # the first report of each invalid layer
+            for name, where in r.meta.get("invalid", {}).items():
+                invalid.setdefault(name, where)
+        meta: dict[str, Any] = {"parts": [r.meta for r in results]}
         return cls(list(layers.values()), [row for r in results for row in r.rows],
-                   {"parts": [r.meta for r in results]})
+                   {**meta, "invalid": invalid} if invalid else meta)
 
     @property
     def names(self) -> list[str]:
@@ -77,9 +82,13 @@ class ProbeResult:
         raise KeyError(f"no {metric} for layer {layer!r} on {split!r} at step {step}")
 
     def errors(self, split: str = "test", metric: str = "top1_error", step: int | None = None) -> dict[str, float]:
-        """``metric`` per layer on ``split``, in execution order (layers found invalid are left out)."""
-        invalid = self.meta.get("invalid", {})
-        return {n: self.value(n, split, metric, step) for n in self.names if n not in invalid}
+        """``metric`` per layer on ``split`` at ``step`` (default: the last), in execution order.
+
+        Layers without that number (found invalid, or not measured at that step) are left out.
+        """
+        step = self.steps[-1] if step is None else step
+        have = {r.layer: r.value for r in self.rows if (r.step, r.split, r.metric) == (step, split, metric)}
+        return {n: have[n] for n in self.names if n in have}
 
     def table(self, step: int | None = None, *, markdown: bool = False) -> str:
         """A table, one row per layer: size, reduction, L2, chance and errors per split.

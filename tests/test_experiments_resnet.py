@@ -12,7 +12,6 @@ import linprobe as lp
 from linprobe.experiments import reproduce
 from linprobe.experiments.report import Summary
 from linprobe.experiments.report import depth_trend
-from linprobe.results import markdown_table
 from linprobe.models import resnet_probe_points, small_resnet
 
 PROBES = resnet_probe_points(small_resnet())
@@ -75,8 +74,3 @@ def test_depth_trend_counts_rises_and_ranks() -> None:
     rho, rises = depth_trend({"a": 0.9, "b": 0.5, "c": 0.52, "d": 0.2})
     assert rho == pytest.approx(-0.8) and rises == [("b", "c", pytest.approx(0.02))]
     assert depth_trend({"a": 0.3, "b": 0.2, "c": 0.1}) == (pytest.approx(-1.0), [])
-
-
-def test_markdown_table_pads_columns() -> None:
-    assert markdown_table(["a", "bb"], [["xyz", "1"]]).splitlines() == [
-        "| a   | bb |", "| --- | -- |", "| xyz | 1  |"]

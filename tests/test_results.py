@@ -1,0 +1,30 @@
+"""ProbeResult: the tidy table, its per-step views and combining runs."""
+from __future__ import annotations
+
+import pytest
+
+from linprobe.results import LayerInfo, ProbeResult, markdown_table
+
+
+def _run(step: int, bad: str | None = None) -> ProbeResult:
+    r = ProbeResult([LayerInfo(n, (4,), 4, 4, {"kind": "none"}, 0.5) for n in ("a", "b")])
+    for n, e in (("a", 0.1 * (step + 1)), ("b", 0.2)):
+        if n == bad:
+            r.add(step, n, "valid", {"invalid": 3})
+            r.meta["invalid"] = {n: "nan at sample 3"}
+        else:
+            r.add(step, n, "valid", {"top1_error": e})
+    return r
+
+
+def test_concat_keeps_invalid_layers_out_of_their_step_only():
+    both = ProbeResult.concat([_run(0), _run(1, bad="b"), _run(2)])
+    assert both.steps == [0, 1, 2]
+    assert both.meta["invalid"] == {"b": "nan at sample 3"}
+    assert both.errors("valid", step=1) == {"a": 0.2}
+    assert both.errors("valid", step=2) == pytest.approx({"a": 0.3, "b": 0.2})
+    assert both.errors("valid") == both.errors("valid", step=2)
+
+
+def test_markdown_table_pads_columns():
+    assert markdown_table(["a", "bb"], [["xyz", "1"]]).splitlines() == ["| a   | bb |", "| --- | -- |", "| xyz | 1  |"]
