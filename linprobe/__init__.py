@@ -5,17 +5,22 @@ The public API::
     layer_names(model, example=None)      the tappable names
     probe(model, train, valid, test=...)  a finished model, layer by layer -> ProbeResult
     OnlineProbes(model, layers, ...)      probes that learn inside your training loop
+    Monitor(model, layers, valid=..., every=k, exact=...)   probes over training: online and exact snapshots
+    diagnose(result), save_timeline(result, out)           dead segments, lags, kinks; heatmap, animation
 """
 from linprobe import models
 from linprobe.data import ArrayDataset, load_dataset, standard_splits
+from linprobe.diagnose import describe, diagnose
 from linprobe.finished import probe
 from linprobe.live import OnlineProbes
+from linprobe.monitor import Monitor, online_exact_gap
 from linprobe.probes import LinearProbe, ProbeBank
 from linprobe.reduce import Flatten, Pool, Project, Subset
 from linprobe.results import ProbeResult
 from linprobe.taps import INPUT, LayerSelectionError, Taps, layer_names
+from linprobe.timeline import save_timeline
 
 __version__ = "0.1.0"
-__all__ = ["ArrayDataset", "Flatten", "INPUT", "LayerSelectionError", "LinearProbe", "OnlineProbes", "Pool",
-           "ProbeBank", "ProbeResult", "Project", "Subset", "Taps", "layer_names", "load_dataset", "models", "probe",
-           "standard_splits"]
+__all__ = ["ArrayDataset", "Flatten", "INPUT", "LayerSelectionError", "LinearProbe", "Monitor", "OnlineProbes", "Pool",
+           "ProbeBank", "ProbeResult", "Project", "Subset", "Taps", "describe", "diagnose", "layer_names",
+           "load_dataset", "models", "online_exact_gap", "probe", "save_timeline", "standard_splits"]

@@ -10,7 +10,9 @@ Each shard is written batch by batch into ``<shard>.partial-<pid>`` (its space r
 so a full disk fails at the start) and renamed into place only once complete, and the manifest is
 replaced atomically after that, so an interrupted extraction is never read as complete. A writer
 holds ``.lock`` (``FeatureCache.locked``): a second process gets a clear error, and the partial
-folders of a killed one are removed. Shards written by several processes (one per rank) combine on read.
+folders of a killed one are removed. Under torch.distributed each rank writes its own shard (contiguous
+dataset rows), rank 0 holds the lock and records every shard in the manifest, and readers combine the
+shards in dataset order, whole or only the rows one rank needs (``features(..., rows=...)``).
 """
 from __future__ import annotations
 
@@ -20,13 +22,14 @@ import json
 import os
 import shutil
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from linprobe import distributed
 from linprobe.atomic import atomic_write_text
 
 MANIFEST = "manifest.json"
@@ -173,6 +176,16 @@ class FeatureCache:
         finally:
             os.close(fd)
 
+    @contextmanager
+    def locked_by_job(self) -> Iterator[FeatureCache]:
+        """``locked`` for every rank of a torch.distributed job: rank 0 holds the lock until every rank is done,
+        and the others start from its manifest once it has removed stale partial shards."""
+        with self.locked() if distributed.rank() == 0 else nullcontext(self):
+            distributed.barrier()
+            self.manifest = distributed.broadcast_object(self.manifest)
+            yield self
+            distributed.barrier()
+
     @property
     def layers(self) -> dict[str, dict[str, Any]]:
         """Per-layer metadata: raw shape, reduction (as a dict) and stored width."""
@@ -209,19 +222,39 @@ class FeatureCache:
             raise CacheError(f"split {split!r} is not (completely) extracted in {self.root}")
         return entry
 
-    def _read(self, split: str, file: str, verify: bool) -> np.ndarray:
-        """One file of every shard, concatenated in dataset order."""
-        parts, order = [], []
-        for shard in self._entry(split)["shards"]:
-            folder = self.root / split / shard["name"]
-            arr = self._open(folder / file)
-            if verify:
-                _verify(folder / file, arr, shard["sha256"][file], self.root)
-            parts.append(arr)
-            order.append(self._open(folder / "index.npy"))
-        if len(parts) == 1:
-            return parts[0]
-        return np.concatenate(parts)[np.argsort(np.concatenate(order), kind="stable")]
+    def _read(self, split: str, file: str, verify: bool, rows: slice | None = None) -> np.ndarray:
+        """One file's ``rows`` (in dataset order; all by default) gathered from the shards that hold them.
+
+        Only those shards are read (and checksummed); one shard read whole stays memory-mapped.
+        """
+        shards = self._entry(split)["shards"]
+        order = self._order(split)
+        where = np.arange(sum(s["rows"] for s in shards))[rows or slice(None)]  # positions in the shards, end to end
+        if order is not None:
+            where = order[where]
+        bounds = np.cumsum([0] + [s["rows"] for s in shards])
+        parts = []
+        for shard, start, stop in zip(shards, bounds, bounds[1:]):
+            take = np.flatnonzero((where >= start) & (where < stop))
+            if len(take):
+                path = self.root / split / shard["name"] / file
+                arr = self._open(path)
+                if verify:
+                    _verify(path, arr, shard["sha256"][file], self.root)
+                parts.append((take, arr, start))
+        if len(parts) == 1 and order is None and len(parts[0][1]) == len(where):
+            return parts[0][1]
+        like = parts[0][1] if parts else self._open(self.root / split / shards[0]["name"] / file)
+        out = np.empty((len(where), *like.shape[1:]), dtype=like.dtype)
+        for take, arr, start in parts:
+            out[take] = arr[where[take] - start]
+        return out
+
+    def _order(self, split: str) -> np.ndarray | None:
+        """Position in the shards (concatenated in manifest order) of each dataset row; None when already in order."""
+        index = np.concatenate([self._open(self.root / split / s["name"] / "index.npy")
+                                for s in self._entry(split)["shards"]])
+        return None if np.array_equal(index, np.arange(len(index))) else np.argsort(index, kind="stable")
 
     def _open(self, path: Path) -> np.ndarray:
         """Memory-map one cached array; a file numpy cannot read (truncated header or data) is a CacheError."""
@@ -231,15 +264,16 @@ class FeatureCache:
             raise CacheError(f"{path} cannot be read ({e}): truncated or modified; "
                              f"delete {self.root} and extract again") from None
 
-    def features(self, split: str, layer: str, *, verify: bool = True) -> np.ndarray:
-        """The (N, D) features of ``layer`` on ``split`` (memory-mapped when there is one shard)."""
+    def features(self, split: str, layer: str, *, verify: bool = True, rows: slice | None = None) -> np.ndarray:
+        """The (N, D) features of ``layer`` on ``split``, or only ``rows`` of them (memory-mapped when one shard
+        holds them all)."""
         if layer not in self.layers:
             raise CacheError(f"layer {layer!r} is not in the cache; cached: {list(self.layers)}")
-        return self._read(split, _layer_file(layer), verify)
+        return self._read(split, _layer_file(layer), verify, rows)
 
-    def labels(self, split: str, *, verify: bool = True) -> np.ndarray:
-        """The (N,) int64 labels of ``split``."""
-        return self._read(split, "labels.npy", verify)
+    def labels(self, split: str, *, verify: bool = True, rows: slice | None = None) -> np.ndarray:
+        """The (N,) int64 labels of ``split``, or only ``rows`` of them."""
+        return self._read(split, "labels.npy", verify, rows)
 
     def chunks(self, split: str, layer: str, rows: int = 8192) -> Iterator[np.ndarray]:
         """The features of ``layer`` in row blocks, for streaming statistics."""

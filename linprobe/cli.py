@@ -1,8 +1,8 @@
-"""The ``linprobe`` command line: list a model's layers, probe a finished model, reproduce the paper."""
+"""The ``linprobe`` command line: list a model's layers, probe a finished model or its saved checkpoints,
+reproduce the paper."""
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -11,10 +11,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from linprobe import distributed
 from linprobe.cache import CacheError
-from linprobe.data import load_dataset, standard_splits
+from linprobe.data import standard_splits
 from linprobe.finished import probe
 from linprobe.reduce import DEFAULT_FEATURE_BUDGET
+from linprobe.results import ProbeResult
+from linprobe.sweep import build_model, find_checkpoints, import_factory, sweep
 from linprobe.taps import layer_names
 
 
@@ -25,31 +28,7 @@ class UsageError(Exception):
 def load_model(spec: str, checkpoint: str | None = None) -> nn.Module:
     """Build a model from ``package.module:function`` and load a checkpoint (a state dict, or a dict
     holding one under ``state_dict`` or ``model``) when given."""
-    module_name, _, attr = spec.partition(":")
-    if not module_name or not attr:
-        raise UsageError(f"--model must look like package.module:function, got {spec!r}")
-    try:
-        factory = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as e:
-        raise UsageError(f"cannot load model factory {spec!r}: {e}") from e
-    try:
-        model = factory()
-    except TypeError as e:
-        raise UsageError(f"model factory {spec!r} cannot be called without arguments ({e}); "
-                         "point --model at a function that builds the model alone") from e
-    if not isinstance(model, nn.Module):
-        raise UsageError(f"model factory {spec!r} returned {type(model).__name__}, not a torch.nn.Module")
-    if checkpoint is not None:
-        if not Path(checkpoint).is_file():
-            raise UsageError(f"checkpoint {checkpoint!r} does not exist")
-        try:
-            state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-            if isinstance(state, dict):
-                state = state.get("state_dict", state.get("model", state))
-            model.load_state_dict(state)
-        except Exception as e:  # any failure here means this file is not a checkpoint of this model
-            raise UsageError(f"cannot load checkpoint {checkpoint!r} into {spec}: {e}") from e
-    return model
+    return build_model(import_factory(spec), spec, checkpoint)
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -68,6 +47,20 @@ def _positive(text: str) -> int:
     return int(text)
 
 
+def _add_probe_options(p: argparse.ArgumentParser, out_help: str) -> None:
+    """The data, layer, reduction and output options ``probe`` and ``sweep`` share."""
+    p.add_argument("--data", default="mnist", help="mnist (default), fashion-mnist, digits or idx:DIR")
+    p.add_argument("--layers", nargs="+", default=["all"], help="names, glob patterns or 'all' (default)")
+    p.add_argument("--out", required=True, help=out_help)
+    p.add_argument("--reduce", default="auto", help="auto (default), none, pool, pool:K, subset:K or project:K")
+    p.add_argument("--budget", type=_positive, default=DEFAULT_FEATURE_BUDGET, help="feature budget of the auto policy")
+    p.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="cache storage type")
+    p.add_argument("--batch-size", type=_positive, default=256)
+    p.add_argument("--limit", type=_positive, help="keep at most this many training samples (quick runs)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="linprobe", description="Linear classifier probes on every layer of a PyTorch model.")
     p.add_argument("--traceback", action="store_true", help="on an error, show the full traceback instead of one line")
@@ -78,17 +71,19 @@ def _parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("probe", help="probe every chosen layer of a finished model; writes a table and a figure")
     pr.add_argument("--model", required=True, help="model factory, package.module:function")
     pr.add_argument("--checkpoint", help="state dict to load into the model")
-    pr.add_argument("--data", default="mnist", help="mnist (default), fashion-mnist, digits or idx:DIR")
-    pr.add_argument("--layers", nargs="+", default=["all"], help="names, glob patterns or 'all' (default)")
-    pr.add_argument("--out", required=True, help="output folder (results, figure, probes and feature cache)")
-    pr.add_argument("--reduce", default="auto", help="auto (default), none, pool, pool:K, subset:K or project:K")
-    pr.add_argument("--budget", type=_positive, default=DEFAULT_FEATURE_BUDGET,
-                    help="feature budget of the auto policy")
-    pr.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="cache storage type")
-    pr.add_argument("--batch-size", type=_positive, default=256)
-    pr.add_argument("--limit", type=_positive, help="keep at most this many training samples (quick runs)")
-    pr.add_argument("--seed", type=int, default=0)
-    pr.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_probe_options(pr, "output folder (results, figure, probes and feature cache)")
+    sw = sub.add_parser("sweep", help="probe every saved checkpoint of a run into one table; resumes where it stopped",
+                        description="Probe the same layers of every saved checkpoint of a run: one tidy table "
+                                    "(step, layer, split, metric, value), a heatmap, an animation and diagnostics. "
+                                    "A killed sweep resumes at the first unfinished checkpoint; a checkpoint added "
+                                    "later costs only its own extraction.")
+    sw.add_argument("--model", required=True, help="model factory, package.module:function")
+    sw.add_argument("--checkpoints", required=True,
+                    help="a glob ('runs/x/*.pt'), a folder, or a manifest checkpoints.json / .csv (step -> file); "
+                         "steps come from file names like step_500.pt, ckpt-500.pth, epoch=3-step=1200.ckpt")
+    _add_probe_options(sw, "sweep folder (per-step records, feature caches, table and figures)")
+    sw.add_argument("--max-iter", type=_positive, default=500, help="L-BFGS iterations per L2 (default 500)")
+    sw.add_argument("--no-figures", action="store_true", help="skip the heatmap, animation and diagnostics")
     rp = sub.add_parser("reproduce", help="run one of the paper's experiments (--list shows them)")
     rp.add_argument("name", nargs="?", help="experiment name")
     rp.add_argument("--list", action="store_true", help="list the experiments and exit")
@@ -99,7 +94,7 @@ def _parser() -> argparse.ArgumentParser:
     rp.add_argument("--variant", help="deep-mlp: plain, aux or skip")
     rp.add_argument("--steps", type=_positive, nargs="+", help="deep-mlp / inception: minibatches at which to probe")
     rp.add_argument("--quiet", action="store_true", help="no progress bars")
-    for command in (layers, pr, rp):  # an error shows the usage of its own command
+    for command in (layers, pr, sw, rp):  # an error shows the usage of its own command
         command.set_defaults(print_usage=command.print_usage)
     return p
 
@@ -120,9 +115,42 @@ def _reproduce(args: argparse.Namespace) -> None:
     print(f"wrote {out}/summary.md, results.csv, results.json and figures")
 
 
+def _splits(args: argparse.Namespace) -> dict[str, Any]:
+    return standard_splits(args.data, seed=args.seed, limit=args.limit)
+
+
+def _probe_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {"layers": args.layers, "reduce": args.reduce, "feature_budget": args.budget, "dtype": args.dtype,
+            "batch_size": args.batch_size, "seed": args.seed, "progress": not args.quiet}
+
+
+def _print_result(result: ProbeResult, wrote: str) -> None:
+    """The table and what was written, once: by rank 0 under torchrun."""
+    if distributed.rank() != 0:
+        return
+    print(result.table())
+    for layer, reason in result.meta.get("invalid", {}).items():
+        print(f"{layer}: invalid: {reason}")
+    print(f"\nwrote {wrote}")
+
+
+def _sweep(args: argparse.Namespace) -> None:
+    import_factory(args.model)  # a wrong --model or glob fails at once, before any data is loaded
+    found = find_checkpoints(args.checkpoints)
+    splits = _splits(args)
+    result = sweep(args.model, found, splits["train"], splits["valid"], splits["test"], out=args.out,
+                   figures=not args.no_figures, max_iter=args.max_iter, **_probe_options(args))
+    figures = "".join(f", {Path(f).name}" for f in result.meta.get("figures", {}).values())
+    _print_result(result, f"{Path(args.out) / 'results.csv'} ({len(found)} checkpoints), results.json{figures} "
+                          "and steps/")
+
+
 def _run(args: argparse.Namespace) -> None:
     if args.command == "reproduce":
         _reproduce(args)
+        return
+    if args.command == "sweep":
+        _sweep(args)
         return
     model = load_model(args.model, getattr(args, "checkpoint", None))
     if args.command == "layers":
@@ -133,15 +161,9 @@ def _run(args: argparse.Namespace) -> None:
             raise UsageError(f"the model cannot run on an input of shape {args.input_shape}: {e}") from e
         print("\n".join(names))
         return
-    load_dataset(args.data)  # fails early, with the list of valid specs
-    splits = standard_splits(args.data, seed=args.seed, limit=args.limit)
-    result = probe(model, splits["train"], splits["valid"], splits["test"], layers=args.layers,
-                   cache_dir=args.out, reduce=args.reduce, feature_budget=args.budget, dtype=args.dtype,
-                   batch_size=args.batch_size, seed=args.seed, progress=not args.quiet)
-    print(result.table())
-    for layer, reason in result.meta.get("invalid", {}).items():
-        print(f"{layer}: invalid: {reason}")
-    print(f"\nwrote {Path(args.out) / 'results.csv'}, results.json, errors.png and probes/")
+    splits = _splits(args)
+    result = probe(model, splits["train"], splits["valid"], splits["test"], cache_dir=args.out, **_probe_options(args))
+    _print_result(result, f"{Path(args.out) / 'results.csv'}, results.json, errors.png and probes/")
 
 
 _INPUT_ERRORS = (UsageError, ValueError, TypeError, CacheError, OSError, KeyError)

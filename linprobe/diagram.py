@@ -14,16 +14,15 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.colors import LinearSegmentedColormap, Normalize  # noqa: E402
+from matplotlib.colors import Normalize  # noqa: E402
 from matplotlib.patches import Circle, FancyArrowPatch, Polygon, Rectangle  # noqa: E402
 
 from torch import nn  # noqa: E402
 
-from linprobe.plots import save_figure  # noqa: E402
+from linprobe.plots import ERROR_CMAP, save_figure  # noqa: E402
 from linprobe.taps import layer_names  # noqa: E402
 
 GAP = "..."  # a name standing for layers left out of the picture; drawn as an ellipsis, never probed
-ERROR_CMAP = LinearSegmentedColormap.from_list("probe_error", ["tab:blue", "tab:green", "gold", "tab:red"])
 
 _DX = 1.25  # distance between neighbouring layers
 _BOX_W, _BOX_H = 0.7, 2.6

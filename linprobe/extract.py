@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import errno
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from linprobe import distributed
 from linprobe.cache import CacheError, FeatureCache
 from linprobe.data import dataset_length, iter_batches
 from linprobe.reduce import Reduction
@@ -49,34 +50,73 @@ def extract_split(taps: Taps, data: Any, cache: FeatureCache, split: str, *, dat
     forward to check that every layer executes; later batches stop after the deepest tap. Every
     batch is checked: one row per label, the shapes of the first batch, finite values (a layer with
     a NaN or Inf is recorded in the split's ``nonfinite`` entry with its first batch and sample).
-    Returns the extraction throughput in samples per second.
+
+    Under torch.distributed each rank extracts its own contiguous whole batches of ``data``
+    (``distributed.shard_range``) into its own shard; rank 0 chooses the reductions first and records
+    every rank's shard in the manifest, which every rank then holds. Returns the throughput of the
+    whole split in samples per second.
     """
-    device, storage = model_device(taps.model), getattr(torch, dtype)
+    rank, world = distributed.rank(), distributed.world_size()
     n = dataset_length(data)
-    writer, start, chosen = None, time.perf_counter(), {}
+    rows = distributed.shard_range(n, rank, world, distributed.batch_size_of(data, batch_size))
+    start = time.perf_counter()
+    if world > 1 and not cache.layers:
+        _agree_layers(taps, data, cache, reductions, batch_size)
+    shard = None
+    if len(rows) or world == 1:  # a rank left without rows (fewer batches than ranks) writes no shard
+        local = distributed.shard_data(data, rows) if world > 1 else data
+        shard = _extract_shard(taps, local, cache, split, rows, reductions=reductions, batch_size=batch_size,
+                               dtype=dtype, progress=progress and rank == 0)
+    seconds = time.perf_counter() - start
+    shards = [s for s in distributed.all_gather_object(shard) if s is not None]
+    if rank == 0:
+        cache.complete(split, data_fingerprint, [s for s, _ in shards], seconds=seconds,
+                       nonfinite=_first_nonfinite(found for _, found in shards))
+    cache.manifest = distributed.broadcast_object(cache.manifest)
+    return n / max(time.perf_counter() - start, 1e-9)
+
+
+def _agree_layers(taps: Taps, data: Any, cache: FeatureCache,
+                  reductions: Callable[[dict[str, torch.Tensor]], dict[str, Reduction]], batch_size: int) -> None:
+    """Rank 0 chooses the reductions from the split's first batch and records them; every rank takes its manifest."""
+    if distributed.rank() == 0:
+        x, _ = next(iter(iter_batches(data, batch_size)))
+        reductions(taps.run(to_device(x, model_device(taps.model))))
+    cache.manifest = distributed.broadcast_object(cache.manifest)
+
+
+def _extract_shard(taps: Taps, data: Any, cache: FeatureCache, split: str, rows: range, *,
+                   reductions: Callable[[dict[str, torch.Tensor]], dict[str, Reduction]], batch_size: int,
+                   dtype: str, progress: bool) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """Extract ``data`` (the dataset's ``rows``) into this rank's shard; returns its manifest entry and the first
+    NaN/Inf of each layer (batch and sample numbered within the whole split)."""
+    device, storage = model_device(taps.model), getattr(torch, dtype)
+    rank, world = distributed.rank(), distributed.world_size()
+    first_batch = rows.start // distributed.batch_size_of(data, batch_size)
+    writer, chosen = None, {}
     nonfinite: dict[str, dict[str, Any]] = {}
     taps.stop_early = False
     try:
-        bar = tqdm(total=n, desc=f"extract {split}", unit="sample", disable=not progress, leave=False)
-        for batch, (x, y) in enumerate(iter_batches(data, batch_size)):
+        bar = tqdm(total=len(rows), desc=f"extract {split}", unit="sample", disable=not progress, leave=False)
+        for batch, (x, y) in enumerate(iter_batches(data, batch_size), start=first_batch):
             raw = taps.run(to_device(x, device))
             if writer is None:
                 chosen = reductions(raw)
-                writer = cache.writer(split, n, dtype=dtype)
+                writer = cache.writer(split, len(rows), dtype=dtype, rank=rank, world=world)
                 taps.stop_early = True
             _check_batch(raw, len(y), cache, split, batch)
             reduced = reduce_features(raw, chosen)
             stored = {name: f.to(storage) for name, f in reduced.items()}
+            at = rows.start + writer.pos
             for name, (row, what) in _nonfinite(reduced, stored).items():
-                nonfinite.setdefault(name, {"batch": batch, "sample": writer.pos + row, "value": what})
-            writer.write(stored, y, torch.arange(writer.pos, writer.pos + len(y)))
+                nonfinite.setdefault(name, {"batch": batch, "sample": at + row, "value": what})
+            writer.write(stored, y, torch.arange(at, at + len(y)))
             bar.update(len(y))
         bar.close()
         if writer is None:
             raise ValueError(f"the {split} data yielded no batch (a DataLoader with drop_last and fewer samples than "
                              "its batch size?): probing needs samples in every split")
-        shard = writer.commit()
-        cache.complete(split, data_fingerprint, [shard], seconds=time.perf_counter() - start, nonfinite=nonfinite)
+        return {**writer.commit(), "start": rows.start}, nonfinite
     except BaseException as e:
         if writer is not None:
             writer.abort()
@@ -86,7 +126,16 @@ def extract_split(taps: Taps, data: Any, cache: FeatureCache, split: str, *, dat
         raise
     finally:
         taps.stop_early = False
-    return n / max(time.perf_counter() - start, 1e-9)
+
+
+def _first_nonfinite(found: Iterable[Mapping[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Per layer, the NaN/Inf at the lowest sample among the shards' findings."""
+    first: dict[str, dict[str, Any]] = {}
+    for shard in found:
+        for name, where in shard.items():
+            if name not in first or where["sample"] < first[name]["sample"]:
+                first[name] = where
+    return first
 
 
 def _check_batch(raw: Mapping[str, torch.Tensor], labels: int, cache: FeatureCache, split: str, batch: int) -> None:

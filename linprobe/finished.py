@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from linprobe import distributed
 from linprobe.cache import FeatureCache
 from linprobe.data import as_dataset, dataset_length, fingerprint
 from linprobe.extract import extract_split, model_device
@@ -60,7 +61,8 @@ def probe(model: nn.Module, train: Any, valid: Any, test: Any = None, *, layers:
           l2_path: tuple[float, ...] = DEFAULT_L2_PATH, batch_size: int = 256, seed: int = 0,
           select: Selector | Mapping[str, Selector] | None = None, tokens: TokenReduction = None,
           repeat: str = "error", step: int = 0, progress: bool = True, plot: bool = True,
-          max_iter: int = 500, patience: int | None = 2, warm_start: ProbeBank | None = None) -> ProbeResult:
+          max_iter: int = 500, patience: int | None = 2, warm_start: ProbeBank | None = None,
+          distribute: str = "rows") -> ProbeResult:
     """Probe every chosen layer of a finished model: train / valid (/ test) error, top-5, cross-entropy.
 
     Data are Datasets, DataLoaders or ``(x, y)`` arrays. Features are cached under
@@ -76,28 +78,50 @@ def probe(model: nn.Module, train: Any, valid: Any, test: Any = None, *, layers:
     ``max_iter`` (L-BFGS iterations per L2) and ``patience`` (stop the L2 path after that many rises
     of valid cross-entropy; None fits it all) set the solver; ``warm_start`` (the ``probes`` of an
     earlier result, e.g. the previous checkpoint) starts each layer's fit from its earlier probe.
+
+    Under ``torchrun`` (or in a caller's torch.distributed job) every rank calls ``probe`` with the same
+    arguments: each rank extracts its own contiguous share of every split into its own cache shard
+    (``cache_dir`` must be on a filesystem every rank sees). ``distribute="rows"`` then fits every layer
+    with all ranks together, each holding its rows (losses and gradients summed over ranks);
+    ``"layers"`` gives each rank whole layers, read from the shared cache, which suits many layers and
+    few rows per rank (docs/scaling.md). Every rank returns the same result and rank 0 alone writes the
+    files. ``"layers"`` gives exactly the one-process result; ``"rows"`` sums in another order, so its
+    probes equal one process's to the solver's tolerance (at the flat, weakly regularised end of the
+    L2 path that can tip the choice of L2). A model wrapped in DistributedDataParallel is unwrapped.
     """
+    if distribute not in ("rows", "layers"):
+        raise ValueError(f"distribute must be 'rows' or 'layers', not {distribute!r}")
+    distributed.init_from_env()
+    model = distributed.unwrap(model)
     splits = {"train": as_dataset(train), "valid": as_dataset(valid)}
     if test is not None:
         splits["test"] = as_dataset(test)
     _check_inputs(splits, dtype)
     was_training = any(m.training for m in model.modules())
     with ExitStack() as stack:
-        root = Path(cache_dir) if cache_dir is not None else Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        root = Path(cache_dir) if cache_dir is not None else _temporary_root(stack)
         taps = stack.enter_context(Taps(model, layers, select=select, tokens=tokens, repeat=repeat))  # type: ignore[arg-type]
         key = cache_key(model, taps.names, reduce, budget=feature_budget, seed=seed, dtype=dtype,
                         tokens=tokens, select=getattr(select, "__qualname__", select), repeat=repeat)
-        cache = stack.enter_context(FeatureCache(root / "features" / key, key).locked())
+        cache = stack.enter_context(FeatureCache(root / "features" / key, key).locked_by_job())
         stats = _extract_all(taps, splits, cache, reduce, feature_budget, seed, dtype, batch_size, progress)
         fit = {"l2_path": l2_path, "max_iter": max_iter, "patience": patience}
-        result, bank = _fit_all(cache, "test" in splits, fit, model_device(model), step, progress, warm_start)
+        result, bank = _fit_all(cache, "test" in splits, fit, model_device(model), step, progress, warm_start,
+                                distribute)
         result.meta.update(cache=str(cache.root), extraction_samples_per_s=stats, model=type(model).__name__,
-                           extracted_in_eval_mode=True, model_was_training=was_training)
+                           extracted_in_eval_mode=True, model_was_training=was_training,
+                           processes=distributed.world_size(), distribute=distribute)
         out = out_dir if out_dir is not None else cache_dir
-        if out is not None:
+        if out is not None and distributed.rank() == 0:
             _save(result, bank, Path(out), plot and "test" in splits)
     result.probes = bank  # type: ignore[attr-defined]
     return result
+
+
+def _temporary_root(stack: ExitStack) -> Path:
+    """A temporary cache folder made by rank 0 and removed when it is done; every rank gets its path."""
+    made = stack.enter_context(tempfile.TemporaryDirectory()) if distributed.rank() == 0 else None
+    return Path(distributed.broadcast_object(made))
 
 
 def _check_inputs(splits: Mapping[str, Any], dtype: str) -> None:
@@ -125,14 +149,14 @@ def _extract_all(taps: Taps, splits: Mapping[str, Any], cache: FeatureCache, red
     with frozen(taps.model):
         for split, data in splits.items():
             fp = fingerprint(data)
-            if not cache.is_complete(split, fp):
+            if not distributed.broadcast_object(cache.is_complete(split, fp)):  # rank 0's view of the shared folder
                 speeds[split] = extract_split(taps, data, cache, split, data_fingerprint=fp, reductions=reductions,
                                               batch_size=batch_size, dtype=dtype, progress=progress)
     return speeds
 
 
-def _load(cache: FeatureCache, split: str, layer: str, device: torch.device) -> torch.Tensor:
-    return torch.from_numpy(np.array(cache.features(split, layer), dtype=np.float32)).to(device)
+def _load(cache: FeatureCache, split: str, layer: str, device: torch.device, rows: slice | None = None) -> torch.Tensor:
+    return torch.from_numpy(np.array(cache.features(split, layer, rows=rows), dtype=np.float32)).to(device)
 
 
 def _labels(cache: FeatureCache, split: str, device: torch.device) -> torch.Tensor:
@@ -140,16 +164,87 @@ def _labels(cache: FeatureCache, split: str, device: torch.device) -> torch.Tens
 
 
 def _fit_all(cache: FeatureCache, has_test: bool, fit: Mapping[str, Any], device: torch.device, step: int,
-             progress: bool, warm_start: ProbeBank | None = None) -> tuple[ProbeResult, ProbeBank]:
-    """Fit one probe per valid cached layer (L2 chosen on valid), then evaluate every probe once on test."""
+             progress: bool, warm_start: ProbeBank | None = None,
+             distribute: str = "rows") -> tuple[ProbeResult, ProbeBank]:
+    """Fit one probe per valid cached layer (L2 chosen on valid), then evaluate every probe once on test.
+
+    Under torch.distributed, ``distribute="rows"`` fits each layer on this rank's rows with the other ranks
+    (``sharded``); ``"layers"`` fits this rank's layers on all rows and gathers every rank's probes.
+    """
+    sharded = distribute == "rows" and distributed.world_size() > 1
+    splits = ("train", "valid", "test") if has_test else ("train", "valid")
+    rows = {split: _rows(cache, split) if sharded else slice(None) for split in splits}
     y_train = _labels(cache, "train", device)
     classes = _classes(y_train)
     y_train, y_valid = _encode(y_train, classes, "train"), _encode(_labels(cache, "valid", device), classes, "valid")
     chance = chance_error(y_train, len(classes))
-    invalid = _invalid_layers(cache, ("train", "valid", "test") if has_test else ("train", "valid"))
-    result, bank = ProbeResult([], meta={"classes": classes.tolist()}), ProbeBank()
+    y_train, y_valid = y_train[rows["train"]], y_valid[rows["valid"]]
+    invalid = _invalid_layers(cache, splits)
+    fitted: dict[str, tuple[LinearProbe, dict[str, dict[str, float]]]] = {}
     read_seconds = 0.0
-    for name in tqdm(cache.manifest["order"], desc="fit probes", disable=not progress, leave=False):
+    quiet = not progress or distributed.rank() != 0
+    for name in tqdm(_my_layers(cache, invalid, distribute), desc="fit probes", disable=quiet, leave=False):
+        meta = cache.layers[name]
+        probe = LinearProbe(name, reduction_from_dict(meta["reduction"]), meta["features"], len(classes)).to(device)
+        start = time.perf_counter()
+        x_train = _load(cache, "train", name, device, rows["train"])
+        read_seconds += time.perf_counter() - start
+        x_valid = _load(cache, "valid", name, device, rows["valid"])
+        standardizer = _standardizer(x_train) if sharded else Standardizer.fit(cache.chunks("train", name))
+        probe.fit(x_train, y_train, x_valid, y_valid, standardizer=standardizer, init=_earlier(warm_start, probe),
+                  sharded=sharded, **fit)
+        fitted[name] = probe, {split: _metrics(probe.logits(probe.standardize(x)), y, sharded)
+                               for split, x, y in (("train", x_train, y_train), ("valid", x_valid, y_valid))}
+    if has_test:  # the first and only read of the test labels, after every probe is chosen
+        y_test = _encode(_labels(cache, "test", device), classes, "test")[rows["test"]]
+        for name, (probe, found) in fitted.items():
+            x_test = _load(cache, "test", name, device, rows["test"])
+            found["test"] = _metrics(probe.logits(probe.standardize(x_test)), y_test, sharded)
+    if distribute == "layers":
+        fitted = {name: part for parts in distributed.all_gather_object(fitted) for name, part in parts.items()}
+    result, bank = _assemble(cache, fitted, invalid, classes, chance, step)
+    result.meta["cache_read_samples_per_s"] = len(y_train) / max(read_seconds, 1e-9)  # all layers of a sample
+    return result, bank
+
+
+def _rows(cache: FeatureCache, split: str) -> slice:
+    """This rank's rows of ``split``: its own shard when the cache was extracted by as many ranks, else an even
+    contiguous share."""
+    shards = cache.manifest["splits"][split]["shards"]
+    rank, world = distributed.rank(), distributed.world_size()
+    if len(shards) == world and all("start" in s for s in shards):
+        mine = sorted(shards, key=lambda s: s["start"])[rank]
+        return slice(mine["start"], mine["start"] + mine["rows"])
+    share = distributed.shard_range(cache.manifest["splits"][split]["rows"], rank, world)
+    return slice(share.start, share.stop)
+
+
+def _my_layers(cache: FeatureCache, invalid: Mapping[str, Any], distribute: str) -> list[str]:
+    """The valid layers this rank fits: all of them, or with ``distribute="layers"`` its share, balanced by width."""
+    names = [name for name in cache.manifest["order"] if name not in invalid]
+    if distribute == "rows":
+        return names
+    owner = distributed.assign([cache.layers[name]["features"] for name in names], distributed.world_size())
+    return [name for name, r in zip(names, owner) if r == distributed.rank()]
+
+
+def _standardizer(x: torch.Tensor, rows: int = 8192) -> Standardizer:
+    """The training statistics of every rank's rows ``x`` together, in float64 and two passes."""
+    n = distributed.total(len(x), x.device)
+    if n == 0:
+        raise ValueError("cannot standardise an empty training split")
+    starts = range(0, max(len(x), 1), rows)
+    mean = distributed.all_reduce_sum(sum(x[i:i + rows].double().sum(0) for i in starts)) / n
+    m2 = distributed.all_reduce_sum(sum(((x[i:i + rows].double() - mean) ** 2).sum(0) for i in starts))
+    return Standardizer.from_moments(n, mean, m2)
+
+
+def _assemble(cache: FeatureCache, fitted: Mapping[str, tuple[LinearProbe, dict[str, dict[str, float]]]],
+              invalid: Mapping[str, tuple[str, dict[str, Any]]], classes: torch.Tensor, chance: float,
+              step: int) -> tuple[ProbeResult, ProbeBank]:
+    """The result table and bank, layers in execution order, test rows last."""
+    result, bank = ProbeResult([], meta={"classes": classes.tolist()}), ProbeBank()
+    for name in cache.manifest["order"]:
         meta = cache.layers[name]
         info = LayerInfo(name, tuple(meta["shape"]), int(np.prod(meta["shape"])), meta["features"], meta["reduction"],
                          chance)
@@ -160,24 +255,15 @@ def _fit_all(cache: FeatureCache, has_test: bool, fit: Mapping[str, Any], device
             result.meta.setdefault("invalid", {})[name] = (f"{found['value']} at sample {found['sample']} of the "
                                                            f"{split} split (batch {found['batch']})")
             continue
-        probe = LinearProbe(name, reduction_from_dict(meta["reduction"]), meta["features"], len(classes)).to(device)
-        start = time.perf_counter()
-        x_train = _load(cache, "train", name, device)
-        read_seconds += time.perf_counter() - start
-        x_valid = _load(cache, "valid", name, device)
-        probe.fit(x_train, y_train, x_valid, y_valid, standardizer=Standardizer.fit(cache.chunks("train", name)),
-                  init=_earlier(warm_start, probe), **fit)
+        probe, metrics = fitted[name]
         info.l2 = probe.l2
         result.add(step, name, "valid", {"l2": probe.l2})
-        for split, x, y in (("train", x_train, y_train), ("valid", x_valid, y_valid)):
-            result.add(step, name, split, _metrics(probe.logits(probe.standardize(x)), y))
+        result.add(step, name, "train", metrics["train"])
+        result.add(step, name, "valid", metrics["valid"])
         bank.append(probe)
-    result.meta["cache_read_samples_per_s"] = len(y_train) / max(read_seconds, 1e-9)  # all layers of a sample
-    if has_test:  # the first and only read of the test labels, after every probe is chosen
-        y_test = _encode(_labels(cache, "test", device), classes, "test")
-        for probe in bank:
-            logits = probe.logits(probe.standardize(_load(cache, "test", probe.layer, device)))
-            result.add(step, probe.layer, "test", _metrics(logits, y_test))
+    for probe in bank:
+        if "test" in fitted[probe.layer][1]:
+            result.add(step, probe.layer, "test", fitted[probe.layer][1]["test"])
     return result, bank
 
 
@@ -189,8 +275,11 @@ def _earlier(bank: ProbeBank | None, probe: LinearProbe) -> LinearProbe | None:
     return old if old.weight.shape == probe.weight.shape else None
 
 
-def _metrics(logits: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
-    """The shared classification metrics plus the mean per-class error, which unbalanced classes need."""
+def _metrics(logits: torch.Tensor, y: torch.Tensor, sharded: bool = False) -> dict[str, float]:
+    """The shared classification metrics plus the mean per-class error, which unbalanced classes need; over every
+    rank's rows when ``sharded``."""
+    if sharded:
+        return distributed.global_metrics(logits, y)
     return {**classification_metrics(logits, y), "balanced_error": balanced_error(logits, y)}
 
 

@@ -1,6 +1,7 @@
 """Figures: probe error per layer with the chance line (matplotlib, no screen needed)."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -11,6 +12,18 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 if TYPE_CHECKING:
     from linprobe.results import ProbeResult
+
+# probe error from good to bad: blue, green, yellow, red (001 Fig. 5, 9); shared by every coloured figure
+ERROR_CMAP = matplotlib.colors.LinearSegmentedColormap.from_list("probe_error",
+                                                                 ["#2c7bb6", "#1a9641", "#ffffbf", "#d7191c"])
+
+
+def error_grid(result: ProbeResult, split: str, metric: str) -> tuple[list[str], list[list[float]]]:
+    """The layers with ``metric`` on ``split`` at some step, and per step (ascending) their values, NaN where a
+    layer was not measured."""
+    per_step = [result.errors(split, metric, step) for step in result.steps]
+    names = [n for n in result.names if any(n in errors for errors in per_step)]
+    return names, [[errors.get(n, math.nan) for n in names] for errors in per_step]
 
 
 def save_figure(fig: Any, path: str | Path) -> Path:
@@ -79,23 +92,23 @@ def plot_heatmap(result: ProbeResult, path: str | Path | None = None, *, split: 
                  metric: str = "top1_error", title: str | None = None) -> Any:
     """Layers (across) by measured steps (down) coloured by probe error, red bad to green/blue good (001 Fig. 5, 9).
 
-    The colour scale runs from 0 to 1; a black line on the colour bar marks the chance level.
+    The colour scale runs from 0 to 1; a black line on the colour bar marks the chance level; a layer not
+    measured at a step is left blank.
     """
-    names, steps = result.names, result.steps
-    grid = [list(result.errors(split, metric, step).values()) for step in steps]
-    colours = ["#2c7bb6", "#1a9641", "#ffffbf", "#d7191c"]  # blue, green, yellow, red
-    cmap = matplotlib.colors.LinearSegmentedColormap.from_list("probe_error", colours)
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.07 * len(names) + 3), 1.5 + 0.45 * len(steps)))
-    image = ax.imshow(grid, aspect="auto", cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
+    steps = result.steps
+    names, grid = error_grid(result, split, metric)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.07 * len(names) + 3), min(12.0, 1.5 + 0.45 * len(steps))))
+    image = ax.imshow(grid, aspect="auto", cmap=ERROR_CMAP, vmin=0, vmax=1, interpolation="nearest")
     every = max(1, len(names) // 16)
     ax.set_xticks(range(0, len(names), every), names[::every], rotation=90, fontsize=7)
-    ax.set_yticks(range(len(steps)), [str(s) for s in steps])
+    every = max(1, len(steps) // 24)
+    ax.set_yticks(range(0, len(steps), every), [str(s) for s in steps[::every]])
     ax.set_ylabel("step (minibatches)")
     chance = max(info.chance_error for info in result.layers)
     bar = fig.colorbar(image, ax=ax)
     bar.ax.axhline(chance, color="black", linewidth=2)
-    bar.set_label(f"probe {split} error (black line: chance, {chance:.2f})")
-    ax.set_title(title or f"probe {split} error per layer and step")
+    bar.set_label(f"probe {split} {metric} (black line: chance, {chance:.2f})")
+    ax.set_title(title or f"probe {split} {metric} per layer and step")
     return save_figure(fig, path) if path is not None else fig
 
 

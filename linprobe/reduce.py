@@ -245,6 +245,11 @@ class Standardizer:
             n += k
         if mean is None:
             raise ValueError("cannot standardise an empty training split")
+        return cls.from_moments(n, mean, m2)
+
+    @classmethod
+    def from_moments(cls, n: int, mean: torch.Tensor, m2: torch.Tensor) -> Standardizer:
+        """From the row count, float64 mean and summed squared deviations (e.g. combined over processes)."""
         std = (m2 / max(n, 1)).sqrt()
         constant = std <= 1e-6 * mean.abs() + 1e-12
         floor = 0.01 * std[~constant].square().mean().sqrt() if (~constant).any() else torch.tensor(1.0)

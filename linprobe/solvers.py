@@ -27,6 +27,9 @@ Implementation notes
   so at very weak L2 on (nearly) separable data, where the objective is flat, the solution is only
   loosely determined - the validation split then steers the path away from those points anyway.
 * The global RNG is never used (zeros or ``init`` as the starting point), so fits are deterministic.
+* ``sharded=True`` (torch.distributed, one share of the rows per process): the data terms of every
+  evaluation are summed over processes in one float64 all-reduce, so every process sees the same loss and
+  gradient and L-BFGS takes the same steps everywhere; only the summation order differs from one process.
 """
 from __future__ import annotations
 
@@ -37,6 +40,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from . import distributed
 from .metrics import cross_entropy, topk_error
 
 __all__ = [
@@ -101,14 +105,16 @@ class FitResult:
     loss: float
 
 
-def _loss_and_grad(X: Tensor, y: Tensor, Wt: Tensor, b: Tensor, l2: float) -> tuple[Tensor, Tensor, Tensor]:
+def _loss_and_grad(X: Tensor, y: Tensor, Wt: Tensor, b: Tensor, l2: float,
+                   rows: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Objective and its gradient for weights stored as ``Wt`` = W.T, shape (C, D).
 
     Returns ``(loss, gWt, gb)``: ``loss`` a float64 scalar, ``gWt`` (C, D) and ``gb`` (C,) float32.
-    Every data term is a mean over the local rows of ``X``; a distributed version would all-reduce the
-    un-normalised sums (data loss, ``G.T @ X``, ``G.sum(0)``) and the row count, then add the penalty.
+    Every data term is a mean over the rows of ``X``. With ``rows`` (the row count of all processes),
+    ``X`` is this process's share: the data terms are summed over processes, in one all-reduce, before
+    the penalty is added, so every process gets the objective of all the rows.
     """
-    n = X.shape[0]
+    n = X.shape[0] if rows is None else rows
     Z = torch.mm(X, Wt.t()).add_(b)  # (N, C) logits
     lse = torch.logsumexp(Z, dim=1)
     data = (lse - Z.gather(1, y[:, None]).squeeze(1)).sum(dtype=torch.float64) / n
@@ -117,16 +123,28 @@ def _loss_and_grad(X: Tensor, y: Tensor, Wt: Tensor, b: Tensor, l2: float) -> tu
     G.div_(n)
     gWt = torch.mm(G.t(), X)  # (C, D); far faster than X.T @ G on row-major X
     gb = G.sum(dim=0)
+    if rows is not None:
+        data, gWt, gb = _sum_over_ranks(data, gWt, gb)
     if l2:
         gWt.add_(Wt, alpha=l2)
         data = data + 0.5 * l2 * Wt.double().square().sum()
     return data, gWt, gb
 
 
-def _grad_scale(X: Tensor) -> float:
-    """Root-mean-square feature value (>= 1): the gradient scales linearly with X's magnitude."""
-    rms = torch.linalg.vector_norm(X).item() / math.sqrt(max(X.numel(), 1))
-    return max(1.0, rms)
+def _sum_over_ranks(data: Tensor, gWt: Tensor, gb: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The three data terms summed over processes, packed into one float64 all-reduce."""
+    flat = distributed.all_reduce_sum(torch.cat([data.reshape(1), gWt.reshape(-1).double(), gb.double()]))
+    return flat[0], flat[1:1 + gWt.numel()].view_as(gWt).float(), flat[1 + gWt.numel():].float()
+
+
+def _grad_scale(X: Tensor, sharded: bool = False) -> float:
+    """Root-mean-square feature value (>= 1) over every process's rows when ``sharded``: the gradient scales
+    linearly with X's magnitude."""
+    norm, count = torch.linalg.vector_norm(X).item(), X.numel()
+    if sharded:
+        sums = torch.tensor([norm**2, count], dtype=torch.float64, device=X.device)
+        norm, count = math.sqrt(distributed.all_reduce_sum(sums)[0].item()), int(sums[1].item())
+    return max(1.0, norm / math.sqrt(max(count, 1)))
 
 
 def fit_logistic(
@@ -138,6 +156,7 @@ def fit_logistic(
     init: LinearWeights | None = None,
     max_iter: int = 500,
     tol: float = 1e-5,
+    sharded: bool = False,
 ) -> FitResult:
     """Minimise mean CE + (l2/2)||W||^2 by full-batch L-BFGS (strong-Wolfe) on X's device, in float32.
 
@@ -147,6 +166,10 @@ def fit_logistic(
     below 1e-7 over 10 iterations, or L-BFGS's own step / loss-change / line-search limits.
     ``iterations`` counts L-BFGS iterations (0 when the start already satisfies the tolerance);
     ``loss`` is the final objective.  Works the same under a caller's ``no_grad``/``inference_mode``.
+
+    ``sharded``: ``X`` and ``y`` are this process's rows of a training set split across the processes of a
+    torch.distributed job, which all call this together with the same ``init``. Losses and gradients are
+    summed over processes, so every process takes the same L-BFGS steps to the fit of all the rows.
     """
     if X.dim() != 2 or y.dim() != 1 or X.shape[0] != y.shape[0]:
         raise ValueError(f"expected X (N, D) and y (N,), got {tuple(X.shape)} and {tuple(y.shape)}")
@@ -168,7 +191,8 @@ def fit_logistic(
         if Wt.shape != (num_classes, D) or b.shape != (num_classes,):
             raise ValueError("init has the wrong shape")
 
-    gtol = tol * _grad_scale(X)
+    rows = distributed.total(X.shape[0], device) if sharded else None
+    gtol = tol * _grad_scale(X, sharded)
     opt = torch.optim.LBFGS(
         [Wt, b], lr=1.0, max_iter=_WINDOW, max_eval=3 * _WINDOW, tolerance_grad=gtol,
         tolerance_change=1e-12, history_size=_HISTORY_SIZE, line_search_fn="strong_wolfe",
@@ -179,7 +203,7 @@ def fit_logistic(
         # L-BFGS re-evaluates the point it ended on at the start of each step(); answer from the cache.
         if cache and torch.equal(cache["Wt"], Wt) and torch.equal(cache["b"], b):
             return cache["loss"], cache["gWt"], cache["gb"]
-        loss, gWt, gb = _loss_and_grad(X, y, Wt, b, l2)
+        loss, gWt, gb = _loss_and_grad(X, y, Wt, b, l2, rows)
         cache.update(Wt=Wt.clone(), b=b.clone(), loss=loss, gWt=gWt, gb=gb)
         return loss, gWt, gb
 
@@ -271,15 +295,24 @@ class RowSpace:
             jitter *= 10
 
     @staticmethod
-    def worthwhile(X: Tensor) -> bool:
-        """Wide enough that one Gram matrix costs less than the passes over X it saves."""
-        n, d = X.shape
+    def worthwhile(X: Tensor, rows: int | None = None) -> bool:
+        """Wide enough that one Gram matrix costs less than the passes over X it saves (``rows``: X's row count
+        over all processes, when X is one process's share)."""
+        n, d = rows if rows is not None else X.shape[0], X.shape[1]
         return d > 2 * n and n <= _ROW_SPACE_MAX_ROWS
 
     def lift(self, w: LinearWeights) -> LinearWeights:
         """Weights on Z to weights on the original features: ``W = X^T L^-T Wr``, as ``(V^T X)^T``."""
         v = torch.linalg.solve_triangular(self.z.t(), w.W, upper=True)
         return LinearWeights(torch.mm(v.t(), self.X).t().contiguous(), w.b.clone())
+
+
+def _valid_error(logits: Tensor, y: Tensor, sharded: bool) -> tuple[float, float]:
+    """Top-1 error and mean cross-entropy, over every process's rows when ``sharded``."""
+    if not sharded:
+        return topk_error(logits, y, 1), cross_entropy(logits, y)
+    found = distributed.global_metrics(logits, y)
+    return found["top1_error"], found["cross_entropy"]
 
 
 def fit_l2_path(
@@ -294,6 +327,7 @@ def fit_l2_path(
     tol: float = 1e-5,
     patience: int | None = 2,
     init: LinearWeights | None = None,
+    sharded: bool = False,
 ) -> PathResult:
     """Fit along an L2 path (sorted strong to weak, each fit warm-started from the previous solution)
     and choose the L2 on the validation split only.
@@ -304,6 +338,10 @@ def fit_l2_path(
     at ``k`` consecutive points (the remaining, weaker L2s are overfitting further); ``None`` fits the
     whole path.  ``init`` warm-starts the first (strongest) L2, e.g. from the previous checkpoint's probe;
     it is ignored for row-space fits, whose variables are not the weights.  Test data is never an input.
+
+    ``sharded``: the train and valid rows are split across the processes of a torch.distributed job (see
+    :func:`fit_logistic`); valid errors are counted over all of them. A row-space fit gathers the (at most
+    16,384) training rows on every process first, then fits them as a single process would.
     """
     l2s = sorted({float(v) for v in l2_path}, reverse=True)
     if not l2s:
@@ -313,17 +351,23 @@ def fit_l2_path(
     best: FitResult | None = None
     best_key: tuple[float, float, float] | None = None
     rises = 0
-    row_space = RowSpace.of(X_train.detach().float()) if RowSpace.worthwhile(X_train) else None
+    if sharded:
+        wide = RowSpace.worthwhile(X_train, rows=distributed.total(X_train.shape[0], X_train.device))
+    else:
+        wide = RowSpace.worthwhile(X_train)
+    if sharded and wide:
+        X_train, y_train = distributed.all_gather_rows(X_train), distributed.all_gather_rows(y_train)
+    row_space = RowSpace.of(X_train.detach().float()) if wide else None
     prev = None if row_space is not None else init
     for l2 in l2s:
         fit = fit_logistic(row_space.z if row_space else X_train, y_train, num_classes, l2, init=prev,
-                           max_iter=max_iter, tol=tol)
+                           max_iter=max_iter, tol=tol, sharded=sharded and row_space is None)
         prev = fit.weights
         if row_space is not None:
             fit.weights = row_space.lift(fit.weights)
         logits = fit.weights.logits(X_valid)
         yv = y_valid.to(device=logits.device, dtype=torch.long)
-        err, ce = topk_error(logits, yv, 1), cross_entropy(logits, yv)
+        err, ce = _valid_error(logits, yv, sharded)
         if path and ce > path[-1].valid_cross_entropy:
             rises += 1
         else:

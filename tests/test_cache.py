@@ -92,3 +92,13 @@ def test_shards_of_several_ranks_combine_in_dataset_order(tmp_path):
     cache.complete("train", "d", shards)
     x = FeatureCache(tmp_path, "k").features("train", "a")
     np.testing.assert_array_equal(x[:, 0], np.arange(10, dtype=np.float32) / np.float32(7))
+
+
+def test_rows_of_strided_shards_read_only_what_is_asked(tmp_path):
+    cache = FeatureCache(tmp_path, "k")
+    cache.complete("train", "d", [_fill(cache, "train", n=5, rank=rank, world=2)[0].commit() for rank in range(2)])
+    cache = FeatureCache(tmp_path, "k")
+    whole = cache.features("train", "b")
+    for rows in (slice(3, 8), slice(0, 0), slice(6, None), slice(None)):
+        np.testing.assert_array_equal(cache.features("train", "b", rows=rows), whole[rows])
+    np.testing.assert_array_equal(cache.labels("train", rows=slice(2, 4)), np.arange(2, 4) % 3)

@@ -63,7 +63,7 @@ def test_unknown_variant_is_refused(tmp_path: Path) -> None:
 @pytest.mark.parametrize("variant", ["plain", "aux", "skip"])
 def test_writes_results_figures_and_summary(quick_run: Run, variant: str) -> None:
     out = quick_run(variant)
-    figures = [f"errors_step{s}.png" for s in QUICK.steps] + ["heatmap.png"]
+    figures = [f"errors_step{s}.png" for s in QUICK.steps] + ["heatmap.png", "animation.gif", "diagnostics.md"]
     for name in ["results.csv", "results.json", "summary.md", *figures]:
         assert (out / name).stat().st_size > 0, name
     result = lp.ProbeResult.load(out)
@@ -98,3 +98,10 @@ def test_skip_leaves_the_layers_below_it_behind(quick_run: Run) -> None:
     skip, below = QUICK.skip_to, QUICK.skip_to - QUICK.probe_every
     assert before[f"layer{skip}"] < before[f"layer{below}"] - 0.2  # the second bump: the skip layer sees the input
     assert range_mean(after, 1, skip - 1) > range_mean(after, skip, QUICK.depth) + 0.2
+
+
+def test_diagnostics_name_the_dead_segment_of_skip_and_none_for_aux(quick_run: Run) -> None:
+    every, skip = QUICK.probe_every, QUICK.skip_to
+    text = (quick_run("skip") / "diagnostics.md").read_text()
+    assert f"dead segment: layer{every}-layer{skip - every} " in text
+    assert "dead segment" not in (quick_run("aux") / "diagnostics.md").read_text()

@@ -19,10 +19,11 @@ from pathlib import Path
 import torch
 
 import linprobe as lp
+from linprobe.diagnose import Kink
 from linprobe.experiments.report import Summary
 from linprobe.experiments.training import model_error, train_epochs
 from linprobe.models import DEEP_MLP_VARIANTS, MLP, deep_mlp
-from linprobe.plots import plot_error_by_depth, plot_heatmap
+from linprobe.plots import plot_error_by_depth
 
 CLAIMS = {
     "plain": "the 128-layer MLP cannot be trained by gradient descent: its deep layers stay useless",
@@ -153,17 +154,18 @@ def train_and_probe(model: MLP, splits: dict[str, lp.ArrayDataset], settings: Se
 
 
 def plot_moments(result: lp.ProbeResult, out: Path, variant: str) -> list[str]:
-    """A bar chart of the error per layer for each moment, then the layer x minibatch heatmap; their file names."""
+    """A bar chart of the error per layer for each moment, then the timeline (layer x minibatch heatmap, the
+    animation through the moments, ``diagnostics.md``); the figures' file names."""
     paths = [plot_error_by_depth(result, out / f"errors_step{step}.png", step=step,
                                  title=f"deep-mlp ({variant}): probe test error after {step} minibatches")
              for step in result.steps]
-    paths.append(plot_heatmap(result, out / "heatmap.png",
-                              title=f"deep-mlp ({variant}): probe test error per layer and minibatch"))
-    return [p.name for p in paths]
+    timeline = lp.save_timeline(result, out, split="test")
+    return [p.name for p in [*paths, timeline["heatmap"], timeline["animation"]]]
 
 
 def findings(result: lp.ProbeResult, settings: Settings) -> list[str]:
-    """Per moment the input, each block of layers and the model's own error; then the ranges the claims are about."""
+    """Per moment the input, each block of layers and the model's own error; then the ranges the claims are about
+    and the diagnostics (kinks, at noise level in so deep a stack, are left to ``diagnostics.md``)."""
     depth, skip = settings.depth, settings.skip_to
     lines = []
     for step in result.steps:
@@ -177,7 +179,8 @@ def findings(result: lp.ProbeResult, settings: Settings) -> list[str]:
     lines.append(f"after {result.steps[-1]} minibatches: layers 1-{skip - 1} {range_mean(last, 1, skip - 1):.1%}, "
                  f"{skip}-{depth} {range_mean(last, skip, depth):.1%}, last quarter "
                  f"{range_mean(last, depth - depth // 4 + 1, depth):.1%} (chance {chance:.1%})")
-    return lines
+    diagnosed = lp.diagnose(result, split="test")
+    return lines + [f"diagnostics: {f.describe()}" for f in diagnosed if not isinstance(f, Kink)]
 
 
 def described(settings: Settings, variant: str, splits: dict[str, lp.ArrayDataset],

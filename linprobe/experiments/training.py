@@ -22,8 +22,13 @@ def classification_loss(model: nn.Module, logits: torch.Tensor, y: torch.Tensor)
 
 def train_epochs(model: nn.Module, train: ArrayDataset, optimizer: torch.optim.Optimizer, *, epochs: int,
                  batch_size: int, seed: int = 0, scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
-                 penalty: Callable[[], torch.Tensor] | None = None, on_step: StepCallback | None = None) -> int:
-    """Train for ``epochs`` passes over shuffled minibatches (scheduler stepped per epoch); returns steps done."""
+                 penalty: Callable[[], torch.Tensor] | None = None, on_step: StepCallback | None = None,
+                 before_update: StepCallback | None = None) -> int:
+    """Train for ``epochs`` passes over shuffled minibatches (scheduler stepped per epoch); returns steps done.
+
+    ``on_step(steps_done, x, y)`` runs after each update; ``before_update(steps_done, x, y)`` after the
+    backward, before the update (where a ``linprobe.Monitor`` steps: it sees the parameters of ``steps_done``).
+    """
     g = torch.Generator().manual_seed(seed)
     step = 0
     model.train()
@@ -35,6 +40,8 @@ def train_epochs(model: nn.Module, train: ArrayDataset, optimizer: torch.optim.O
                 loss = loss + penalty()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if before_update is not None:
+                before_update(step, x, y)
             optimizer.step()
             step += 1
             if on_step is not None:

@@ -1,0 +1,171 @@
+"""A finished model, every layer: wall time from a trained model and its data to the per-layer table.
+
+* ``linprobe``: ``lp.probe`` (extract once into the cache, L-BFGS over the L2 path chosen on valid);
+* ``sklearn (a)``: the CLIP-style recipe, features extracted once into memory, then per layer
+  ``StandardScaler`` and ``LogisticRegression(lbfgs)`` along the same L2 path (strong to weak, warm
+  start, the same tolerance, iteration cap, early stop and choice on valid);
+* ``loop per probe (b)``: one training loop per probe (``OnlineProbes`` on that layer alone), each doing
+  its own forward passes; for many layers it runs on an evenly spaced subset and its time is scaled up.
+
+Forward passes are counted by a hook on the model (one per batch).
+"""
+from __future__ import annotations
+
+import math
+import tempfile
+import warnings
+
+import numpy as np
+import torch
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
+from sklearn.preprocessing import StandardScaler
+from torch import nn
+
+import linprobe as lp
+from benchmarks.fixtures import Case, convnet, fashion, mlp
+from benchmarks.timing import Row, seconds
+from linprobe.data import iter_batches
+from linprobe.extract import reduce_features
+from linprobe.reduce import resolve_reductions
+from linprobe.solvers import DEFAULT_L2_PATH, sklearn_C
+
+TOL, PATIENCE = 1e-5, 2
+
+
+class ForwardCounter:
+    """Counts the model's forward calls (batches) through a pre-hook."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.calls = 0
+        self._handle = model.register_forward_pre_hook(self._count)
+
+    def _count(self, *_: object) -> None:
+        self.calls += 1
+
+    def close(self) -> None:
+        self._handle.remove()
+
+
+def ours(case: Case, l2_path: tuple[float, ...], max_iter: int) -> dict[str, float]:
+    """``lp.probe`` on a fresh cache: each layer's valid error."""
+    with tempfile.TemporaryDirectory() as tmp:
+        result = lp.probe(case.model, case.splits["train"], case.splits["valid"], case.splits["test"],
+                          layers=case.layers, cache_dir=tmp, l2_path=l2_path, max_iter=max_iter, patience=PATIENCE,
+                          progress=False, plot=False)
+    return result.errors("valid")
+
+
+@torch.no_grad()
+def extract_in_memory(case: Case) -> dict[str, dict[str, np.ndarray]]:
+    """The recipe's extraction: hooks, one forward per batch, reduced features gathered in RAM (split -> layer)."""
+    out: dict[str, dict[str, list[np.ndarray]]] = {}
+    reductions = None
+    with lp.Taps(case.model, case.layers) as taps:
+        for split, data in case.splits.items():
+            parts = out[split] = {n: [] for n in case.layers}
+            for x, _ in iter_batches(data, 256):
+                raw = taps.run(x)
+                reductions = reductions or resolve_reductions("auto", {n: tuple(h.shape[1:]) for n, h in raw.items()})
+                for n, f in reduce_features(raw, reductions).items():
+                    parts[n].append(f.numpy())
+    return {s: {n: np.concatenate(f) for n, f in parts.items()} for s, parts in out.items()}
+
+
+def sklearn_recipe(case: Case, l2_path: tuple[float, ...], max_iter: int) -> dict[str, float]:
+    """Extract once, then scikit-learn per layer along the L2 path: each layer's valid error."""
+    feats = extract_in_memory(case)
+    y = {s: d.y.numpy() for s, d in case.splits.items()}
+    errors = {}
+    for layer in case.layers:
+        scaler = StandardScaler().fit(feats["train"][layer])
+        x = {s: scaler.transform(f[layer]) for s, f in feats.items()}
+        clf = LogisticRegression(solver="lbfgs", max_iter=max_iter, tol=TOL, warm_start=True)
+        best, best_weights, last_ce, rises = None, None, math.inf, 0
+        for l2 in sorted(l2_path, reverse=True):
+            clf.set_params(C=sklearn_C(l2, len(y["train"])))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ConvergenceWarning)
+                clf.fit(x["train"], y["train"])
+            p = clf.predict_proba(x["valid"])
+            err = float((p.argmax(1) != y["valid"]).mean())
+            ce = float(-np.log(np.maximum(p[np.arange(len(p)), y["valid"]], 1e-12)).mean())
+            if best is None or (err, ce, -l2) < best:
+                best, best_weights = (err, ce, -l2), (clf.coef_.copy(), clf.intercept_.copy())
+            rises = rises + 1 if ce > last_ce else 0
+            last_ce = ce
+            if rises >= PATIENCE:
+                break
+        coef, intercept = best_weights
+        (x["test"] @ coef.T + intercept).argmax(1)  # the table also has test
+        errors[layer] = best[0]
+    return errors
+
+
+def loop_per_probe(case: Case, layers: list[str], epochs: int) -> dict[str, float]:
+    """One training loop per probe, each with its own forwards over train (``epochs``), then valid: valid errors."""
+    errors = {}
+    for layer in layers:
+        with lp.OnlineProbes(case.model, [layer], num_classes=10) as probes, torch.no_grad():
+            for _ in range(epochs):
+                for x, y in iter_batches(case.splits["train"], case.batch_size):
+                    case.model(x)
+                    probes.step(y)
+            errors[layer] = probes.evaluate(case.splits["valid"]).errors("valid")[layer]
+    return errors
+
+
+def measure(case: Case, l2_path: tuple[float, ...], max_iter: int, loop_layers: int,
+            epochs: int) -> tuple[list[Row], str]:
+    """Time and forward passes of every contender on one case, and each layer's valid error against (a)'s."""
+    label = f"{case.name} ({len(case.layers)} taps, N={len(case.splits['train'])})"
+    subset = case.layers[::max(1, math.ceil(len(case.layers) / loop_layers))]
+    b_name = "loop per probe (b)" + ("" if len(subset) == len(case.layers) else f", {len(subset)} layers, scaled")
+    runs = {}
+    for name, fn in (("linprobe", lambda: ours(case, l2_path, max_iter)),
+                     ("sklearn (a)", lambda: sklearn_recipe(case, l2_path, max_iter)),
+                     (b_name, lambda: loop_per_probe(case, subset, epochs))):
+        counter = ForwardCounter(case.model)
+        errors, t = seconds(fn)
+        counter.close()
+        scale = len(case.layers) / len(errors)  # (b) on a subset of layers: time and forwards scaled up
+        runs[name] = (errors, t * scale, counter.calls * scale)
+    (ours_err, ours_t, ours_fwd), (ref_err, ref_t, _), (b_err, b_t, b_fwd) = runs.values()
+    worst = max(case.layers, key=lambda n: abs(ours_err[n] - ref_err[n]))
+    gap = abs(ours_err[worst] - ref_err[worst]) * 100
+    b_gap = max(b_err[n] - ref_err[n] for n in b_err) * 100
+    rows = [Row("2 finished", label, "linprobe", ours_t, "s", ours_t / ref_t, "(a)'s time", ">= 10x faster than (a)",
+                ref_t / ours_t >= 10),
+            Row("2 finished", label, "sklearn (a)", ref_t, "s", 1.0, "(a)'s time"),
+            Row("2 finished", label, b_name, b_t, "s", b_t / ref_t, "(a)'s time"),
+            Row("2 finished", label, "linprobe: largest valid-error gap to (a)", gap, "pp", gap / 0.3, "0.3 pp",
+                f"<= 0.3 pp (at {worst})", gap <= 0.3),
+            Row("2 finished", label, f"(b), {epochs} epochs: largest valid-error excess over (a)", b_gap, "pp",
+                b_gap / 0.3, "0.3 pp"),
+            Row("2 finished", label, "linprobe: forward passes", ours_fwd, "batches", ours_fwd / b_fwd, "(b)'s",
+                f"<= 1/{len(case.layers)} of (b)", ours_fwd * len(case.layers) <= b_fwd)]
+    return rows, f"Valid top-1 error per layer, {label}:\n\n" + layer_table(case, {k: v[0] for k, v in runs.items()})
+
+
+def layer_table(case: Case, errors: dict[str, dict[str, float]]) -> str:
+    """Each layer's valid error per contender, as Markdown."""
+    names = list(errors)
+    lines = ["| layer | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    lines += [f"| {layer} | " + " | ".join(f"{errors[c][layer]:.2%}" if layer in errors[c] else "" for c in names)
+              + " |" for layer in case.layers]
+    return "\n".join(lines)
+
+
+def run(quick: bool) -> tuple[list[Row], str]:
+    if quick:
+        cases = [convnet(fashion(200, 100, 100), train_steps=5), mlp(depth=8, limit=200, train_steps=5)]
+        settings = dict(l2_path=(1e-1, 1e-2), max_iter=30, loop_layers=2, epochs=1)
+    else:
+        cases = [convnet(fashion(2000, 1000, 1000), train_steps=600), mlp(limit=2000, train_steps=300)]
+        settings = dict(l2_path=DEFAULT_L2_PATH, max_iter=500, loop_layers=10, epochs=2)
+    rows, details = [], []
+    for case in cases:
+        r, d = measure(case, **settings)
+        rows += r
+        details.append(d)
+    return rows, "\n\n".join(details)
