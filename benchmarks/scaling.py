@@ -4,7 +4,7 @@
   (features at most 784 wide) and one L2; peak (anonymous) memory is counted from after the data are loaded. Extraction streams
   batch by batch to disk; a full-batch fit then holds one layer's train matrix (N x D floats).
 * taps: the deep MLP with 1 to all 129 taps.
-* checkpoints: ``linprobe.sweep.sweep`` over K checkpoints of the convnet sharing one folder; the
+* checkpoints: ``linprobe.sweep`` over K checkpoints of the convnet sharing one folder; the
   slope per checkpoint against one extraction pass of every split.
 """
 from __future__ import annotations
@@ -63,7 +63,7 @@ def with_taps(case: Case, counts: list[int]) -> list[Row]:
 
 def with_checkpoints(case: Case, count: int) -> list[Row]:
     """Sweep ``count`` checkpoints (10 training steps apart) one at a time into one folder: cumulative times."""
-    from linprobe.sweep import sweep
+    from linprobe.sweeps import sweep
 
     with tempfile.TemporaryDirectory() as tmp:
         files = []

@@ -7,6 +7,7 @@ The public API::
     OnlineProbes(model, layers, ...)      probes that learn inside your training loop
     Monitor(model, layers, valid=..., every=k, exact=...)   probes over training: online and exact snapshots
     diagnose(result), save_timeline(result, out)           dead segments, lags, kinks; heatmap, animation
+    sweep(factory, checkpoints, train, valid, out=...)     the probes of every saved checkpoint, resumable
 """
 from linprobe import models
 from linprobe.data import ArrayDataset, load_dataset, standard_splits
@@ -17,10 +18,11 @@ from linprobe.monitor import Monitor, online_exact_gap
 from linprobe.probes import LinearProbe, ProbeBank
 from linprobe.reduce import Flatten, Pool, Project, Subset
 from linprobe.results import ProbeResult
+from linprobe.sweeps import find_checkpoints, sweep
 from linprobe.taps import INPUT, LayerSelectionError, Taps, layer_names
 from linprobe.timeline import save_timeline
 
 __version__ = "0.1.0"
 __all__ = ["ArrayDataset", "Flatten", "INPUT", "LayerSelectionError", "LinearProbe", "Monitor", "OnlineProbes", "Pool",
-           "ProbeBank", "ProbeResult", "Project", "Subset", "Taps", "describe", "diagnose", "layer_names",
-           "load_dataset", "models", "online_exact_gap", "probe", "save_timeline", "standard_splits"]
+           "ProbeBank", "ProbeResult", "Project", "Subset", "Taps", "describe", "diagnose", "find_checkpoints", "layer_names",
+           "load_dataset", "models", "online_exact_gap", "probe", "save_timeline", "standard_splits", "sweep"]

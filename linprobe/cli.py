@@ -17,7 +17,7 @@ from linprobe.data import standard_splits
 from linprobe.finished import probe
 from linprobe.reduce import DEFAULT_FEATURE_BUDGET
 from linprobe.results import ProbeResult
-from linprobe.sweep import build_model, find_checkpoints, import_factory, sweep
+from linprobe.sweeps import build_model, find_checkpoints, import_factory, sweep
 from linprobe.taps import layer_names
 
 
@@ -59,6 +59,9 @@ def _add_probe_options(p: argparse.ArgumentParser, out_help: str) -> None:
     p.add_argument("--limit", type=_positive, help="keep at most this many training samples (quick runs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--distribute", choices=["rows", "layers"], default="rows",
+                   help="under torchrun: each process fits its rows of every layer (rows, default) or whole layers "
+                        "(layers, cheaper with many layers on a shared disk); ignored in one process")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -121,7 +124,8 @@ def _splits(args: argparse.Namespace) -> dict[str, Any]:
 
 def _probe_options(args: argparse.Namespace) -> dict[str, Any]:
     return {"layers": args.layers, "reduce": args.reduce, "feature_budget": args.budget, "dtype": args.dtype,
-            "batch_size": args.batch_size, "seed": args.seed, "progress": not args.quiet}
+            "batch_size": args.batch_size, "seed": args.seed, "progress": not args.quiet,
+            "distribute": args.distribute}
 
 
 def _print_result(result: ProbeResult, wrote: str) -> None:

@@ -1,4 +1,4 @@
-"""Tests for linprobe.sweep: finding checkpoints, a killed sweep resuming to the same table, adding a
+"""Tests for linprobe.sweeps: finding checkpoints, a killed sweep resuming to the same table, adding a
 checkpoint later, refusing a folder of another sweep, and the ``linprobe sweep`` command."""
 from __future__ import annotations
 
@@ -19,12 +19,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from linprobe import sweep as sweep_module
+from linprobe import sweeps as sweep_module
 from linprobe.cli import main
 from linprobe.data import ArrayDataset, load_digits, standard_splits, stratified_split
 from linprobe.models import mnist_convnet
 from linprobe.results import ProbeResult
-from linprobe.sweep import CheckpointError, SweepError, find_checkpoints, parse_step, sweep
+from linprobe.sweeps import CheckpointError, SweepError, find_checkpoints, parse_step, sweep
 
 LAYERS = ["conv2_postpool", "fc1_postact"]
 FAST = {"layers": LAYERS, "max_iter": 10, "progress": False}
