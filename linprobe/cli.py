@@ -59,9 +59,10 @@ def _add_probe_options(p: argparse.ArgumentParser, out_help: str) -> None:
     p.add_argument("--limit", type=_positive, help="keep at most this many training samples (quick runs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--distribute", choices=["rows", "layers"], default="rows",
-                   help="under torchrun: each process fits its rows of every layer (rows, default) or whole layers "
-                        "(layers, cheaper with many layers on a shared disk); ignored in one process")
+    p.add_argument("--distribute", choices=["rows", "layers", "checkpoints"], default="rows",
+                   help="under torchrun: each process fits its rows of every layer (rows, default), whole layers "
+                        "(layers, cheaper with many layers on a shared disk) or, for sweep, whole checkpoints "
+                        "(checkpoints); ignored in one process")
 
 
 def _parser() -> argparse.ArgumentParser:

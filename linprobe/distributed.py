@@ -9,7 +9,8 @@ until torchrun (or the process group's timeout) ends the job.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import torch
@@ -21,11 +22,24 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from linprobe.data import ArrayDataset, as_dataset
 
 T = TypeVar("T")
+_alone = False  # inside ``local()``: this process works on its own share, as a job of one
 
 
 def active() -> bool:
-    """True inside a process group of more than one process."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    """True inside a process group of more than one process (and not inside ``local()``)."""
+    return not _alone and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+@contextmanager
+def local() -> Iterator[None]:
+    """Within this block the process acts as rank 0 of a job of one, though it belongs to a larger job: for work
+    split by whole items (a sweep's checkpoints), where each process probes its items with no collectives."""
+    global _alone
+    before, _alone = _alone, True
+    try:
+        yield
+    finally:
+        _alone = before
 
 
 def rank() -> int:

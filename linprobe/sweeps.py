@@ -15,6 +15,7 @@ the copy in memory, so a resumed sweep computes exactly what an uninterrupted on
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
 import glob
@@ -205,7 +206,10 @@ def sweep(model: ModelSource, checkpoints: str | Path | Sequence[tuple[int, str 
     ``out`` are read back, not recomputed; ``out`` made with other settings is refused. Each step's probes are
     warm-started from the previous step's saved probes (a convex fit: the same optimum, fewer iterations). With
     ``figures`` the timeline of the valid top-1 error (heatmap, animation, diagnostics) is written to ``out``
-    (``meta["figures"]``). Under torch.distributed every rank runs the probes and only rank 0 writes records.
+    (``meta["figures"]``). Under torch.distributed every rank runs the probes and only rank 0 writes records;
+    with ``distribute="checkpoints"`` each rank instead probes its own contiguous share of the checkpoints alone
+    (no collectives; cheaper when there are more checkpoints than ranks), warm-starting within its share only,
+    and every rank reads the combined table once all are recorded.
     """
     found = find_checkpoints(checkpoints) if isinstance(checkpoints, (str, Path)) else _by_step(
         [(int(s), Path(p)) for s, p in checkpoints])
@@ -216,17 +220,14 @@ def sweep(model: ModelSource, checkpoints: str | Path | Sequence[tuple[int, str 
     _claim(out, _settings(name, splits, {"layers": layers, **options}))
     done = {step for step, path in found if _is_done(out, step, path)}
     distributed.barrier()  # every rank has decided what is done before rank 0 records anything
-    previous: Path | None = None
-    for step, path in tqdm(found, desc="sweep checkpoints", disable=not progress):
-        folder = out / "steps" / str(step)
-        if step not in done:
-            warm = ProbeBank.load(previous / "probes") if previous is not None else None
-            probe(load(path), train, valid, test, layers=layers, cache_dir=out, out_dir=folder, step=step,
-                  warm_start=warm, plot=False, progress=progress, **options)
-            if distributed.rank() == 0:
-                atomic_write_text(folder / RECORD, json.dumps(_identity(step, path), indent=1))
-            distributed.barrier()
-        previous = folder
+    todo = [(step, path) for step, path in found if step not in done]
+    alone = contextlib.nullcontext()
+    if options.get("distribute") == "checkpoints":  # each rank probes its own contiguous share, alone
+        share = distributed.shard_range(len(todo), distributed.rank(), distributed.world_size())
+        todo, alone, options = todo[share.start:share.stop], distributed.local(), {**options, "distribute": "rows"}
+    with alone:
+        _probe_steps(found, todo, done, load, splits, out=out, layers=layers, progress=progress, **options)
+    distributed.barrier()
     result = collect(out, [step for step, _ in found])
     result.meta["checkpoints"] = {str(step): str(path) for step, path in found}
     if distributed.rank() == 0:
@@ -236,6 +237,24 @@ def sweep(model: ModelSource, checkpoints: str | Path | Sequence[tuple[int, str 
 
             result.meta["figures"] = {k: str(v) for k, v in save_timeline(result, out).items()}
     return result
+
+
+def _probe_steps(found: Sequence[tuple[int, Path]], todo: Sequence[tuple[int, Path]], done: set[int],
+                 load: Callable[[Path], nn.Module], splits: Mapping[str, Any], *, out: Path, layers: Any,
+                 progress: bool, **options: Any) -> None:
+    """Probe and record the ``todo`` steps in order, each warm-started from the step before it when that one
+    was recorded before the sweep began or by this process (never by another one: that would be a race)."""
+    previous = {step: before for before, (step, _) in zip([None, *[s for s, _ in found]], found)}
+    ready = set(done)
+    for step, path in tqdm(todo, desc="sweep checkpoints", disable=not progress):
+        folder, before = out / "steps" / str(step), previous[step]
+        warm = ProbeBank.load(out / "steps" / str(before) / "probes") if before in ready else None
+        probe(load(path), *splits.values(), layers=layers, cache_dir=out, out_dir=folder, step=step,
+              warm_start=warm, plot=False, progress=progress, **options)
+        if distributed.rank() == 0:
+            atomic_write_text(folder / RECORD, json.dumps(_identity(step, path), indent=1))
+        distributed.barrier()
+        ready.add(step)
 
 
 def collect(out: str | Path, steps: Sequence[int]) -> ProbeResult:

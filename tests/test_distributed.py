@@ -200,3 +200,42 @@ def test_torchrun_cli_matches_one_process(tmp_path: Path) -> None:
     # the default path reaches l2 = 1e-5, where the optimum is flat and loosely determined: errors within a sample
     sample = {split: 1.01 / caches[1].manifest["splits"][split]["rows"] for split in ("train", "valid", "test")}
     assert all(abs(a[3] - b[3]) <= sample[a[1]] for a, b in zip(two, one) if a[2] == "top1_error")
+
+
+def _sweep_worker(rank: int, root: str) -> None:
+    """One rank of a sweep whose checkpoints are shared out between the ranks."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{root}/store-sweep", rank=rank, world_size=WORLD)
+    try:
+        s = _splits()
+        lp.sweep(tiny_net, f"{root}/ckpt", s["train"], s["valid"], out=f"{root}/two-sweep", layers=["4", "6"],
+                 distribute="checkpoints", figures=False, progress=False, l2_path=(1e-1,))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sweep_split_by_checkpoints_matches_one_process(tmp_path: Path) -> None:
+    """Each rank probes its own share of five checkpoints alone; the table equals a one-process sweep's up to
+    the warm starts (a rank's first checkpoint starts cold), i.e. within the solver's tolerance."""
+    (tmp_path / "ckpt").mkdir()
+    for step in range(5):
+        net = tiny_net()
+        with torch.no_grad():
+            for p in net.parameters():
+                p.mul_(1 + 0.1 * step)
+        torch.save(net.state_dict(), tmp_path / "ckpt" / f"step_{step}.pt")
+    mp.spawn(_sweep_worker, args=(str(tmp_path),), nprocs=WORLD)
+    s = _splits()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one = lp.sweep(tiny_net, tmp_path / "ckpt", s["train"], s["valid"], out=tmp_path / "one-sweep",
+                       layers=["4", "6"], figures=False, progress=False, l2_path=(1e-1,))
+    finally:
+        torch.set_num_threads(threads)
+    two = lp.ProbeResult.load(tmp_path / "two-sweep")
+    assert two.steps == one.steps == [0, 1, 2, 3, 4]
+    assert sorted(p.name for p in (tmp_path / "two-sweep" / "steps").iterdir()) == ["0", "1", "2", "3", "4"]
+    a, b = _rows(two.to_csv()), _rows(one.to_csv())
+    assert [r[:3] for r in a] == [r[:3] for r in b]
+    assert all(abs(x[3] - y[3]) <= 1.01 / 60 for x, y in zip(a, b) if x[2] == "top1_error")  # a valid sample
