@@ -7,6 +7,7 @@ same features are probed at every checkpoint.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import zlib
 from abc import ABC, abstractmethod
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 
 DEFAULT_FEATURE_BUDGET = 8192
 MAX_PROJECTION_BYTES = 2**30
+_SUMMED_BLOCK = 9  # pooling blocks up to 3x3 are summed slice by slice; larger ones go to adaptive pooling
 """The largest random projection matrix (float32) a ``Project`` may build; bigger layers need a subset or pooling."""
 
 
@@ -72,7 +74,7 @@ class Pool(Reduction):
 
     def apply(self, h: torch.Tensor) -> torch.Tensor:
         if h.dim() == 4:
-            return F.adaptive_avg_pool2d(h, _pair(self.size))
+            return _pool2d(h, _pair(self.size))
         if h.dim() == 3:
             return F.adaptive_avg_pool1d(h, self.size[0])
         raise ValueError(f"pooling needs a (C, H, W) or (C, L) output, got per-sample shape {tuple(h.shape[1:])}; "
@@ -85,6 +87,19 @@ class Pool(Reduction):
 
     def describe(self) -> str:
         return "pool " + "x".join(map(str, self.size))
+
+
+def _pool2d(h: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Average pooling of (B, C, H, W) to ``size``: small whole blocks summed as strided slices (several times
+    faster than ``adaptive_avg_pool2d`` on CPU, e.g. 28x28 -> 14x14 on every training step), else adaptive."""
+    (kh, rh), (kw, rw) = divmod(h.shape[2], size[0]), divmod(h.shape[3], size[1])
+    if rh or rw or kh * kw > _SUMMED_BLOCK:
+        return F.adaptive_avg_pool2d(h, size)
+    out = h[:, :, 0::kh, 0::kw].clone()
+    for i, j in itertools.product(range(kh), range(kw)):
+        if i or j:
+            out += h[:, :, i::kh, j::kw]
+    return out.div_(kh * kw)
 
 
 @dataclass(frozen=True)

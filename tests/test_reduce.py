@@ -87,3 +87,11 @@ def test_standardizer_floors_the_scale_of_rarely_active_units():
     floor = 0.01 * np.sqrt((x[:, 0].var() + x[:, 1].var()) / 2)
     assert std.std[1].item() == pytest.approx(floor, rel=1e-3)
     assert std(torch.tensor([[0.0, 1.0, 0.0]]))[0, 1].item() < 150  # instead of ~3,000
+
+
+@pytest.mark.parametrize("shape, size", [((3, 4, 28, 28), (14, 14)), ((3, 4, 14, 14), (7, 7)), ((2, 3, 9, 6), (3, 2)),
+                                         ((2, 3, 28, 28), (4, 4)), ((2, 3, 10, 10), (3, 3))])
+def test_pooling_fast_path_equals_adaptive_pooling(shape, size):
+    h = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    got = Pool(size).apply(h)
+    assert torch.allclose(got, torch.nn.functional.adaptive_avg_pool2d(h, size), atol=1e-6)
