@@ -1,11 +1,36 @@
 """Shared fixtures: small models and data that make tests fast and deterministic."""
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
 
 from linprobe.data import ArrayDataset, load_digits, stratified_split
+from linprobe.experiments import reproduce
+from linprobe.experiments.report import Summary
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """torch on one thread inside: small matmuls crawl when a busy core is shared, and the thread count
+    changes the float summation order (the last bits) against single-threaded worker processes."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def quick_run(tmp_path_factory: pytest.TempPathFactory, name: str) -> Iterator[tuple[Path, Summary]]:
+    """One quick run of experiment ``name`` on one thread, for a module's tests to share."""
+    out = tmp_path_factory.mktemp(name)
+    with one_thread():
+        yield out, reproduce(name, out, quick=True, progress=False)
 
 
 class Block(nn.Module):

@@ -23,6 +23,8 @@ from linprobe.cli import main
 from linprobe.data import iter_batches
 from linprobe.solvers import fit_logistic
 
+from conftest import one_thread
+
 WORLD = 2
 # 300 train rows in 5 batches (3 for rank 0, 2 for rank 1); valid's one batch leaves rank 1 without a shard;
 # the conv layer (16 x 8 x 8 = 1024 features > 2 x 300 rows) is fitted in its row space.
@@ -93,12 +95,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     root = tmp_path_factory.mktemp("distributed")
     mp.spawn(_worker, args=(str(root),), nprocs=WORLD)
     s = _splits()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as each rank: the thread count changes float summation order, hence the last bits
-    try:
+    with one_thread():  # as each rank
         single = lp.probe(tiny_net(), s["train"], s["valid"], s["test"], cache_dir=root / "one", **OPTIONS)
-    finally:
-        torch.set_num_threads(threads)
     return {"root": root, "ranks": [torch.load(root / f"rank{r}.pt") for r in range(WORLD)], "single": single}
 
 
@@ -226,13 +224,9 @@ def test_sweep_split_by_checkpoints_matches_one_process(tmp_path: Path) -> None:
         torch.save(net.state_dict(), tmp_path / "ckpt" / f"step_{step}.pt")
     mp.spawn(_sweep_worker, args=(str(tmp_path),), nprocs=WORLD)
     s = _splits()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         one = lp.sweep(tiny_net, tmp_path / "ckpt", s["train"], s["valid"], out=tmp_path / "one-sweep",
                        layers=["4", "6"], figures=False, progress=False, l2_path=(1e-1,))
-    finally:
-        torch.set_num_threads(threads)
     two = lp.ProbeResult.load(tmp_path / "two-sweep")
     assert two.steps == one.steps == [0, 1, 2, 3, 4]
     assert sorted(p.name for p in (tmp_path / "two-sweep" / "steps").iterdir()) == ["0", "1", "2", "3", "4"]

@@ -6,27 +6,21 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
 import linprobe as lp
-from linprobe.experiments import reproduce
 from linprobe.experiments.inception import QUICK, aux_lead
+from linprobe.experiments import reproduce
 from linprobe.experiments.report import Summary
 from linprobe.models import inception_probe_points, small_inception
+
+from conftest import quick_run
 
 PROBES = inception_probe_points(small_inception())
 
 
 @pytest.fixture(scope="module")
 def inception_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Summary]]:
-    """One quick run shared by the tests; one thread, as small matmuls crawl when a busy core is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    out = tmp_path_factory.mktemp("inception")
-    try:
-        yield out, reproduce("inception", out, quick=True, progress=False)
-    finally:
-        torch.set_num_threads(threads)
+    yield from quick_run(tmp_path_factory, "inception")
 
 
 def test_four_moments_of_seventeen_probes(inception_run: tuple[Path, Summary]) -> None:

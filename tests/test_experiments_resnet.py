@@ -6,27 +6,19 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
 import linprobe as lp
-from linprobe.experiments import reproduce
-from linprobe.experiments.report import Summary
-from linprobe.experiments.report import depth_trend
+from linprobe.experiments.report import Summary, depth_trend
 from linprobe.models import resnet_probe_points, small_resnet
+
+from conftest import quick_run
 
 PROBES = resnet_probe_points(small_resnet())
 
 
 @pytest.fixture(scope="module")
 def resnet_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Summary]]:
-    """One quick run shared by the tests; one thread, as small matmuls crawl when a busy core is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    out = tmp_path_factory.mktemp("resnet")
-    try:
-        yield out, reproduce("resnet", out, quick=True, progress=False)
-    finally:
-        torch.set_num_threads(threads)
+    yield from quick_run(tmp_path_factory, "resnet")
 
 
 def test_writes_results_table_figures_and_summary(resnet_run: tuple[Path, Summary]) -> None:

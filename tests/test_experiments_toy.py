@@ -5,23 +5,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
 import linprobe as lp
-from linprobe.experiments import reproduce
 from linprobe.experiments.report import Summary
+
+from conftest import quick_run
 
 
 @pytest.fixture(scope="module")
 def toy_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Summary]]:
-    """One quick run shared by the tests; one thread, as small matmuls crawl when a busy core is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    out = tmp_path_factory.mktemp("toy")
-    try:
-        yield out, reproduce("toy", out, quick=True, progress=False)
-    finally:
-        torch.set_num_threads(threads)
+    yield from quick_run(tmp_path_factory, "toy")
 
 
 def test_writes_results_figure_and_summary(toy_run: tuple[Path, Summary]) -> None:
