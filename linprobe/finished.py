@@ -190,9 +190,10 @@ def _fit_all(cache: FeatureCache, has_test: bool, fit: Mapping[str, Any], device
         read_seconds += time.perf_counter() - start
         x_valid = _load(cache, "valid", name, device, rows["valid"])
         standardizer = _standardizer(x_train) if sharded else Standardizer.fit(cache.chunks("train", name))
+        x_train, x_valid = standardizer.apply_(x_train), standardizer.apply_(x_valid)  # one copy of the layer
         probe.fit(x_train, y_train, x_valid, y_valid, standardizer=standardizer, init=_earlier(warm_start, probe),
-                  sharded=sharded, **fit)
-        fitted[name] = probe, {split: _metrics(probe.logits(probe.standardize(x)), y, sharded)
+                  sharded=sharded, standardized=True, **fit)
+        fitted[name] = probe, {split: _metrics(probe.logits(x), y, sharded)
                                for split, x, y in (("train", x_train, y_train), ("valid", x_valid, y_valid))}
     if has_test:  # the first and only read of the test labels, after every probe is chosen
         y_test = _encode(_labels(cache, "test", device), classes, "test")[rows["test"]]

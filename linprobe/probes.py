@@ -48,17 +48,20 @@ class LinearProbe(nn.Module):
     def fit(self, x_train: torch.Tensor, y_train: torch.Tensor, x_valid: torch.Tensor, y_valid: torch.Tensor, *,
             l2_path: tuple[float, ...] = DEFAULT_L2_PATH, standardizer: Standardizer | None = None,
             init: LinearProbe | None = None, max_iter: int = 500, patience: int | None = 2,
-            sharded: bool = False) -> PathResult:
+            sharded: bool = False, standardized: bool = False) -> PathResult:
         """Fit to convergence along the L2 path on reduced features; the L2 is chosen on valid only.
 
         ``init`` (a probe of the same layer, e.g. at the previous checkpoint) warm-starts the path: the
         problem is convex, so the optimum is the same and only the number of iterations changes.
         ``sharded``: the rows are this process's share of a torch.distributed job's (``fit_l2_path``); pass
-        the ``standardizer`` of all the rows.
+        the ``standardizer`` of all the rows. ``standardized``: the features were already standardised with
+        ``standardizer`` (in place, to keep one copy of a big layer in memory).
         """
         std = standardizer or Standardizer.fit([x_train])
         self.mean.copy_(std.mean), self.std.copy_(std.std)
-        path = fit_l2_path(self.standardize(x_train.float()), y_train, self.standardize(x_valid.float()), y_valid,
+        if not standardized:
+            x_train, x_valid = self.standardize(x_train.float()), self.standardize(x_valid.float())
+        path = fit_l2_path(x_train, y_train, x_valid, y_valid,
                            self.num_classes, l2_path=l2_path, max_iter=max_iter, patience=patience,
                            init=init.weights() if init is not None else None, sharded=sharded)
         self.weight.copy_(path.best.weights.W), self.bias.copy_(path.best.weights.b)
