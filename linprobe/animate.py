@@ -26,7 +26,7 @@ def animate_errors(result: ProbeResult, path: str | Path, *, split: str = "valid
     path = Path(path).with_suffix(".gif")
     path.parent.mkdir(parents=True, exist_ok=True)
     names, frames = error_grid(result, split, metric)
-    chance = max(info.chance_error for info in result.layers)
+    chance = result.chance_error
     fig, ax = plt.subplots(figsize=(max(6.0, min(14.0, 0.3 * len(names) + 2)), 4))
     bars = ax.bar(range(len(names)), frames[0], width=0.85)
     ax.axhline(chance, linestyle=":", color="black", label=f"chance ({chance:.2f})")

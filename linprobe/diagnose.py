@@ -108,7 +108,7 @@ def diagnose(result: ProbeResult, *, split: str = "valid", metric: str = "top1_e
                          "its thresholds are fractions of the chance error")
     if not result.rows:
         raise ValueError("the result has no rows: measure at least one step before diagnosing")
-    chance = max(info.chance_error for info in result.layers)
+    chance = result.chance_error
     steps = result.steps
     grid = {s: result.errors(split, metric, s) for s in steps}
     names = [n for n in result.names if all(n in grid[s] for s in steps)]  # layers measured at every step

@@ -44,7 +44,7 @@ def plot_layer_errors(result: ProbeResult, path: str | Path | None = None, *, sp
     names = list(errors)
     fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * len(names) + 2), 4))
     ax.bar(range(len(names)), list(errors.values()), color="tab:blue")
-    chance = max(info.chance_error for info in result.layers)
+    chance = result.chance_error
     ax.axhline(chance, linestyle=":", color="black", label=f"chance ({chance:.2f})")
     ax.set_xticks(range(len(names)), names, rotation=60 if len(names) < 40 else 90, ha="right",
                   fontsize=8 if len(names) < 40 else 5)
@@ -104,7 +104,7 @@ def plot_heatmap(result: ProbeResult, path: str | Path | None = None, *, split: 
     every = max(1, len(steps) // 24)
     ax.set_yticks(range(0, len(steps), every), [str(s) for s in steps[::every]])
     ax.set_ylabel("step (minibatches)")
-    chance = max(info.chance_error for info in result.layers)
+    chance = result.chance_error
     bar = fig.colorbar(image, ax=ax)
     bar.ax.axhline(chance, color="black", linewidth=2)
     bar.set_label(f"probe {split} {metric} (black line: chance, {chance:.2f})")
@@ -123,7 +123,7 @@ def plot_error_by_depth(result: ProbeResult, path: str | Path | None = None, *, 
     position = {name: k for k, name in enumerate(result.names)}
     fig, ax = plt.subplots(figsize=(10, 3.5))
     ax.bar([position[n] for n in errors], list(errors.values()), width=0.85, color="tab:blue")
-    chance = max(info.chance_error for info in result.layers)
+    chance = result.chance_error
     ax.axhline(chance, linestyle=":", color="black", label=f"chance ({chance:.2f})")
     every = max(1, len(result.names) // 16)
     ax.set_xticks(range(0, len(result.names), every), result.names[::every], rotation=90, fontsize=7)

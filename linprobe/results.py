@@ -64,6 +64,11 @@ class ProbeResult:
                    {**meta, "invalid": invalid} if invalid else meta)
 
     @property
+    def chance_error(self) -> float:
+        """The chance level the figures mark: the largest of the layers' (all equal when they share labels)."""
+        return max(info.chance_error for info in self.layers)
+
+    @property
     def names(self) -> list[str]:
         """Layer names in execution order."""
         return [info.name for info in self.layers]

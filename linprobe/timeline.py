@@ -49,7 +49,7 @@ def save_timeline(result: ProbeResult, out: str | Path, *, split: str = "valid",
 
 def diagnostics_markdown(result: ProbeResult, *, split: str = "valid", metric: str = "top1_error") -> str:
     """The findings of ``linprobe.diagnose`` on ``metric`` / ``split`` as a small markdown page."""
-    chance = max(info.chance_error for info in result.layers)
+    chance = result.chance_error
     return (f"# Diagnostics\n\nprobe {split} {metric} over {len(result.names)} layers at steps "
             f"{', '.join(map(str, result.steps))} (chance {chance:.1%})\n\n"
             f"{describe(diagnose(result, split=split, metric=metric))}\n")

@@ -175,7 +175,7 @@ def findings(result: lp.ProbeResult, settings: Settings) -> list[str]:
                      + ", ".join(f"{k} {v:.0%}" for k, v in blocks.items())
                      + f"; the model's own test error {result.meta['model_test_error'][str(step)]:.1%}")
     last = result.errors("test")
-    chance = max(info.chance_error for info in result.layers)
+    chance = result.chance_error
     lines.append(f"after {result.steps[-1]} minibatches: layers 1-{skip - 1} {range_mean(last, 1, skip - 1):.1%}, "
                  f"{skip}-{depth} {range_mean(last, skip, depth):.1%}, last quarter "
                  f"{range_mean(last, depth - depth // 4 + 1, depth):.1%} (chance {chance:.1%})")
@@ -217,7 +217,7 @@ def run(out: Path, *, quick: bool = False, data: str = "mnist", seed: int = 0, p
                              progress=progress)
     result.save(out)
     figures = plot_moments(result, out, variant)
-    chance = max(info.chance_error for info in result.layers)
+    chance = result.chance_error
     agrees = verdict(variant, result.errors("test"), chance=chance, settings=settings)
     notes = NOTES + ([f"quick: the design scaled to {settings.depth} layers of {settings.width} units (see the "
                       f"module docstring), lr {settings.lr:g}"] if quick else [])

@@ -75,7 +75,7 @@ def draw_figures(model: torch.nn.Module, result: lp.ProbeResult, out: Path) -> l
     """Fig. 4b (probe valid error per layer beside the model's own) and the diode diagram coloured by error."""
     errors = result.errors("valid")
     plot_errors_against_model(errors, result.meta["model_valid_error"], out / "resnet_errors.png",
-                              chance=max(info.chance_error for info in result.layers),
+                              chance=result.chance_error,
                               title="small ResNet (ResNet-50 layout): probe valid error per layer (cf. Fig. 4b)")
     draw_model(model_layers(model), out / "resnet_diagram.png", errors=errors, probed=list(errors),
                shapes={info.name: info.shape for info in result.layers},
