@@ -13,7 +13,7 @@ buffers or the global random generator.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -168,7 +168,7 @@ class OnlineProbes(nn.Module):
         feats = reduce_features(raw, self.reductions)
         y = self._labels(y, feats)
         stacked = [g.stack(feats) for g in self.groups]
-        if not bool(torch.stack([h.sum() for h in stacked]).isfinite().all()):  # NaN/Inf reach the sum: screen
+        if not _all_finite(stacked):  # one sum per group here; the per-layer screen only when it fails
             feats = self._screen(feats, f"training step {self.steps}")
             stacked = [g.stack(feats) for g in self.groups]
         logits, losses = zip(*(g.learn(h, y) for g, h in zip(self.groups, stacked)))
@@ -195,7 +195,8 @@ class OnlineProbes(nn.Module):
             try:
                 for x, y in iter_batches(data, batch_size):
                     feats = reduce_features(self.taps.run(to_device(x, device)), self.reductions)
-                    feats = self._screen(feats, f"the {split} data, batch {len(labels)}")
+                    if not _all_finite(feats.values()):
+                        feats = self._screen(feats, f"the {split} data, batch {len(labels)}")
                     y = self._labels(y, feats)
                     labels.append(y)
                     for g in self.groups:
@@ -223,8 +224,6 @@ class OnlineProbes(nn.Module):
 
         Zeroed features leave a probe's weights finite, so the other probes of its group are unaffected.
         """
-        if bool(torch.stack([h.sum() for h in feats.values()]).isfinite().all()):  # cheap; NaN/Inf spread to the sum
-            return feats
         finite = torch.stack([torch.isfinite(h).flatten(1).all(1) for h in feats.values()])  # (L, B)
         for (name, h), ok in zip(list(feats.items()), finite):
             if not bool(ok.all()):
@@ -286,6 +285,11 @@ def _adam(groups: list[dict[str, Any]], *, lr: float, weight_decay: float) -> to
         return GroupedAdam(groups, lr=lr, weight_decay=weight_decay, fused=True)
     except RuntimeError:
         return GroupedAdam(groups, lr=lr, weight_decay=weight_decay)
+
+
+def _all_finite(tensors: Iterable[torch.Tensor]) -> bool:
+    """Whether no tensor holds a NaN or Inf, by one sum each (a NaN or Inf reaches the sum; one sync in all)."""
+    return bool(torch.stack([h.sum() for h in tensors]).isfinite().all())
 
 
 def _accumulate(sums: dict[str, torch.Tensor], names: list[str], logits: torch.Tensor, y: torch.Tensor) -> None:
