@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -154,8 +155,24 @@ def _extract_all(taps: Taps, splits: Mapping[str, Any], cache: FeatureCache, red
     return speeds
 
 
-def _load(cache: FeatureCache, split: str, layer: str, device: torch.device, rows: slice | None = None) -> torch.Tensor:
-    return torch.from_numpy(np.array(cache.features(split, layer, rows=rows), dtype=np.float32)).to(device)
+_CHUNK_ROWS = 8192
+
+
+def _standardized(raw: np.ndarray, standardizer: Standardizer, device: torch.device, scratch: Path) -> torch.Tensor:
+    """Cached features, standardised chunk by chunk: in a GPU's memory, or on the CPU in an unlinked memory-mapped
+    file under ``scratch``, so the fit's passes read the layer through the page cache, which the OS can evict,
+    instead of anonymous memory: the fit's memory stays flat in N (docs/benchmarks.md)."""
+    if device.type != "cpu":
+        return standardizer.apply_(torch.from_numpy(np.array(raw, dtype=np.float32)).to(device))
+    fd, path = tempfile.mkstemp(dir=scratch, prefix=".fit-", suffix=".npy")
+    os.close(fd)
+    try:
+        out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=raw.shape)
+    finally:
+        os.unlink(path)  # the mapping keeps the data; the file is gone when the tensor is, even after a kill
+    for i in range(0, len(raw), _CHUNK_ROWS):
+        out[i:i + _CHUNK_ROWS] = standardizer(torch.from_numpy(np.array(raw[i:i + _CHUNK_ROWS], dtype=np.float32)))
+    return torch.from_numpy(out)
 
 
 def _labels(cache: FeatureCache, split: str, device: torch.device) -> torch.Tensor:
@@ -185,12 +202,12 @@ def _fit_all(cache: FeatureCache, has_test: bool, fit: Mapping[str, Any], device
     for name in tqdm(_my_layers(cache, invalid, distribute), desc="fit probes", disable=quiet, leave=False):
         meta = cache.layers[name]
         probe = LinearProbe(name, reduction_from_dict(meta["reduction"]), meta["features"], len(classes)).to(device)
+        raw = cache.features("train", name, rows=rows["train"])
+        standardizer = _standardizer(raw) if sharded else Standardizer.fit(cache.chunks("train", name))
         start = time.perf_counter()
-        x_train = _load(cache, "train", name, device, rows["train"])
+        x_train = _standardized(raw, standardizer, device, cache.root)
         read_seconds += time.perf_counter() - start
-        x_valid = _load(cache, "valid", name, device, rows["valid"])
-        standardizer = _standardizer(x_train) if sharded else Standardizer.fit(cache.chunks("train", name))
-        x_train, x_valid = standardizer.apply_(x_train), standardizer.apply_(x_valid)  # one copy of the layer
+        x_valid = _standardized(cache.features("valid", name, rows=rows["valid"]), standardizer, device, cache.root)
         probe.fit(x_train, y_train, x_valid, y_valid, standardizer=standardizer, init=_earlier(warm_start, probe),
                   sharded=sharded, standardized=True, **fit)
         fitted[name] = probe, {split: _metrics(probe.logits(x), y, sharded)
@@ -198,8 +215,9 @@ def _fit_all(cache: FeatureCache, has_test: bool, fit: Mapping[str, Any], device
     if has_test:  # the first and only read of the test labels, after every probe is chosen
         y_test = _encode(_labels(cache, "test", device), classes, "test")[rows["test"]]
         for name, (probe, found) in fitted.items():
-            x_test = _load(cache, "test", name, device, rows["test"])
-            found["test"] = _metrics(probe.logits(probe.standardize(x_test)), y_test, sharded)
+            x_test = _standardized(cache.features("test", name, rows=rows["test"]), Standardizer(probe.mean, probe.std),
+                                   device, cache.root)
+            found["test"] = _metrics(probe.logits(x_test), y_test, sharded)
     if distribute == "layers":
         fitted = {name: part for parts in distributed.all_gather_object(fitted) for name, part in parts.items()}
     result, bank = _assemble(cache, fitted, invalid, classes, chance, step)
@@ -228,14 +246,18 @@ def _my_layers(cache: FeatureCache, invalid: Mapping[str, Any], distribute: str)
     return [name for name, r in zip(names, owner) if r == distributed.rank()]
 
 
-def _standardizer(x: torch.Tensor, rows: int = 8192) -> Standardizer:
-    """The training statistics of every rank's rows ``x`` together, in float64 and two passes."""
-    n = distributed.total(len(x), x.device)
+def _standardizer(raw: np.ndarray) -> Standardizer:
+    """The training statistics of every rank's rows ``raw`` together, in float64 and two passes."""
+    n = distributed.total(len(raw), torch.device("cpu"))
     if n == 0:
         raise ValueError("cannot standardise an empty training split")
-    starts = range(0, max(len(x), 1), rows)
-    mean = distributed.all_reduce_sum(sum(x[i:i + rows].double().sum(0) for i in starts)) / n
-    m2 = distributed.all_reduce_sum(sum(((x[i:i + rows].double() - mean) ** 2).sum(0) for i in starts))
+
+    def chunks() -> Iterator[torch.Tensor]:
+        for i in range(0, max(len(raw), 1), _CHUNK_ROWS):
+            yield torch.from_numpy(np.array(raw[i:i + _CHUNK_ROWS], dtype=np.float64))
+
+    mean = distributed.all_reduce_sum(sum(c.sum(0) for c in chunks())) / n
+    m2 = distributed.all_reduce_sum(sum(((c - mean) ** 2).sum(0) for c in chunks()))
     return Standardizer.from_moments(n, mean, m2)
 
 

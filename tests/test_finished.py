@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 
 import pytest
 import torch
@@ -173,3 +174,19 @@ def test_warm_start_reaches_the_same_probes_in_fewer_iterations(monkeypatch, sma
     for layer in ("input", "layer2.relu"):
         assert warm.value(layer, "test") == pytest.approx(cold.value(layer, "test"), abs=0.003)
         assert torch.allclose(warm.probes[layer].weight, cold.probes[layer].weight, atol=2e-3, rtol=2e-2)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads Linux's /proc/self/maps")
+def test_fit_reads_standardised_layers_from_unlinked_scratch_files(tmp_path):
+    """The CPU fit's standardised copy of a layer lives in a memory-mapped file (page cache, not anonymous memory):
+    the numbers equal the standardiser's, and no file is left behind, even while the tensor is alive."""
+    import numpy as np
+
+    raw = np.random.default_rng(0).normal(3.0, 2.0, size=(20000, 7)).astype(np.float32)
+    std = lp.reduce.Standardizer.fit([raw[i:i + 5000] for i in range(0, len(raw), 5000)])
+    x = finished._standardized(raw, std, torch.device("cpu"), tmp_path)
+    assert list(tmp_path.iterdir()) == []
+    maps = [line for line in open("/proc/self/maps") if f"{tmp_path}/.fit-" in line]
+    assert maps and all(line.rstrip().endswith("(deleted)") for line in maps)  # file-backed, already unlinked
+    torch.testing.assert_close(x, std(torch.from_numpy(raw)), rtol=0, atol=0)
+    assert abs(float(x.mean())) < 1e-4 and abs(float(x.std()) - 1) < 1e-3
