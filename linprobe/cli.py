@@ -59,6 +59,7 @@ def _add_probe_options(p: argparse.ArgumentParser, out_help: str) -> None:
     p.add_argument("--limit", type=_positive, help="keep at most this many training samples (quick runs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--max-iter", type=_positive, default=500, help="L-BFGS iterations per L2 (default 500)")
     p.add_argument("--distribute", choices=["rows", "layers", "checkpoints"], default="rows",
                    help="under torchrun: each process fits its rows of every layer (rows, default), whole layers "
                         "(layers, cheaper with many layers on a shared disk) or, for sweep, whole checkpoints "
@@ -86,7 +87,6 @@ def _parser() -> argparse.ArgumentParser:
                     help="a glob ('runs/x/*.pt'), a folder, or a manifest checkpoints.json / .csv (step -> file); "
                          "steps come from file names like step_500.pt, ckpt-500.pth, epoch=3-step=1200.ckpt")
     _add_probe_options(sw, "sweep folder (per-step records, feature caches, table and figures)")
-    sw.add_argument("--max-iter", type=_positive, default=500, help="L-BFGS iterations per L2 (default 500)")
     sw.add_argument("--no-figures", action="store_true", help="skip the heatmap, animation and diagnostics")
     rp = sub.add_parser("reproduce", help="run one of the paper's experiments (--list shows them)")
     rp.add_argument("name", nargs="?", help="experiment name")
@@ -126,7 +126,7 @@ def _splits(args: argparse.Namespace) -> dict[str, Any]:
 def _probe_options(args: argparse.Namespace) -> dict[str, Any]:
     return {"layers": args.layers, "reduce": args.reduce, "feature_budget": args.budget, "dtype": args.dtype,
             "batch_size": args.batch_size, "seed": args.seed, "progress": not args.quiet,
-            "distribute": args.distribute}
+            "max_iter": args.max_iter, "distribute": args.distribute}
 
 
 def _print_result(result: ProbeResult, wrote: str) -> None:
@@ -136,6 +136,8 @@ def _print_result(result: ProbeResult, wrote: str) -> None:
     print(result.table())
     for layer, reason in result.meta.get("invalid", {}).items():
         print(f"{layer}: invalid: {reason}")
+    for layer, reason in result.meta.get("not_converged", {}).items():
+        print(f"{layer}: not converged: {reason} (raise --max-iter)")
     print(f"\nwrote {wrote}")
 
 
@@ -144,7 +146,7 @@ def _sweep(args: argparse.Namespace) -> None:
     found = find_checkpoints(args.checkpoints)
     splits = _splits(args)
     result = sweep(args.model, found, splits["train"], splits["valid"], splits["test"], out=args.out,
-                   figures=not args.no_figures, max_iter=args.max_iter, **_probe_options(args))
+                   figures=not args.no_figures, **_probe_options(args))
     figures = "".join(f", {Path(f).name}" for f in result.meta.get("figures", {}).values())
     _print_result(result, f"{Path(args.out) / 'results.csv'} ({len(found)} checkpoints), results.json{figures} "
                           "and steps/")

@@ -31,6 +31,8 @@ class LinearProbe(nn.Module):
         self.register_buffer("mean", torch.zeros(in_features))
         self.register_buffer("std", torch.ones(in_features))
         self.l2: float | None = None
+        self.iterations: int | None = None  # of the chosen L2's fit, and whether it converged (None: not fitted here)
+        self.converged: bool | None = None
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """Logits for a batch of raw layer outputs (B, ...); the input is detached first."""
@@ -65,7 +67,7 @@ class LinearProbe(nn.Module):
                            self.num_classes, l2_path=l2_path, max_iter=max_iter, patience=patience,
                            init=init.weights() if init is not None else None, sharded=sharded)
         self.weight.copy_(path.best.weights.W), self.bias.copy_(path.best.weights.b)
-        self.l2 = path.best_l2
+        self.l2, self.iterations, self.converged = path.best_l2, path.best.iterations, path.best.converged
         return path
 
     def weights(self) -> LinearWeights:

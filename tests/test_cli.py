@@ -39,3 +39,11 @@ def test_probe_command_writes_table_and_figure(tmp_path, capsys):
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert {r["layer"] for r in rows} == {"input", "conv1_postact", "logits"}
     assert (out / "errors.png").exists() and (out / "probes" / "params.pt").exists()
+
+
+def test_probe_command_takes_max_iter_and_names_unconverged_layers(tmp_path, capsys):
+    argv = ["probe", "--model", "linprobe.models:mnist_convnet", "--data", "mnist", "--limit", "300",
+            "--layers", "input", "--out", str(tmp_path / "run"), "--quiet", "--max-iter", "2"]
+    with pytest.warns(UserWarning, match="max_iter=2"):
+        assert main(argv) == 0
+    assert "input: not converged: l2=" in capsys.readouterr().out

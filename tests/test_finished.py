@@ -3,6 +3,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import warnings
 
 import pytest
 import torch
@@ -190,3 +191,17 @@ def test_fit_reads_standardised_layers_from_unlinked_scratch_files(tmp_path):
     assert maps and all(line.rstrip().endswith("(deleted)") for line in maps)  # file-backed, already unlinked
     torch.testing.assert_close(x, std(torch.from_numpy(raw)), rtol=0, atol=0)
     assert abs(float(x.mean())) < 1e-4 and abs(float(x.std()) - 1) < 1e-3
+
+
+def test_a_fit_stopped_by_max_iter_is_reported_and_warned(digits_splits):
+    """A chosen probe that reached max_iter before converging is named in meta and a warning, with the fix."""
+    train, valid, test = digits_splits
+    with pytest.warns(UserWarning, match=r"1 probe\(s\) reached max_iter=3 before converging \(input; .*larger max_iter"):
+        short = lp.probe(nn.Identity(), train, valid, test, layers="input", progress=False, max_iter=3)
+    assert short.meta["not_converged"] == {"input": f"l2={short.layers[0].l2:g}: stopped after 3 iterations"}
+    assert short.probes["input"].iterations == 3 and short.probes["input"].converged is False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        full = lp.probe(nn.Identity(), train, valid, test, layers="input", progress=False)
+    assert "not_converged" not in full.meta and full.probes["input"].converged is True
+    assert 3 < full.probes["input"].iterations <= 500
