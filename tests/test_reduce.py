@@ -90,7 +90,8 @@ def test_standardizer_floors_the_scale_of_rarely_active_units():
 
 
 @pytest.mark.parametrize("shape, size", [((3, 4, 28, 28), (14, 14)), ((3, 4, 14, 14), (7, 7)), ((2, 3, 9, 6), (3, 2)),
-                                         ((2, 3, 28, 28), (4, 4)), ((2, 3, 10, 10), (3, 3))])
+                                         ((2, 3, 28, 28), (4, 4)), ((2, 3, 10, 10), (3, 3)), ((2, 3, 12, 6), (4, 6)),
+                                         ((2, 3, 6, 12), (6, 4)), ((2, 3, 8, 9), (4, 3)), ((2, 3, 5, 5), (5, 5))])
 def test_pooling_fast_path_equals_adaptive_pooling(shape, size):
     h = torch.randn(shape, generator=torch.Generator().manual_seed(0))
     got = Pool(size).apply(h)
