@@ -50,6 +50,19 @@ def _layer_file(layer: str) -> str:
     return f"layer-{layer.replace(os.sep, '_')}.npy"
 
 
+def open_reserved(path: Path, shape: tuple[int, ...], dtype: Any) -> np.memmap:
+    """A new memory-mapped .npy with its disk space reserved: a full disk is an OSError (ENOSPC) here, not a
+    crash (SIGBUS) when a page of the map is first written."""
+    array = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+    if hasattr(os, "posix_fallocate"):  # Linux; elsewhere space is taken as pages are written
+        fd = os.open(path, os.O_RDWR)
+        try:
+            os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+        finally:
+            os.close(fd)
+    return array
+
+
 class ShardWriter:
     """Writes one shard of a split row block by row block into memory-mapped .npy files."""
 
@@ -73,15 +86,8 @@ class ShardWriter:
     def _open(self, file: str, shape: tuple[int, ...], dtype: np.dtype) -> None:
         """Create one memory-mapped .npy with its disk space reserved: a full disk fails here, not as a
         crash (SIGBUS) when a page of the map is first written."""
-        path = self.tmp / file
-        self.arrays[file] = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+        self.arrays[file] = open_reserved(self.tmp / file, shape, dtype)
         self.hashes[file] = hashlib.sha256()
-        if hasattr(os, "posix_fallocate"):  # Linux; elsewhere space is taken as pages are written
-            fd = os.open(path, os.O_RDWR)
-            try:
-                os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
-            finally:
-                os.close(fd)
 
     def write(self, features: Mapping[str, torch.Tensor], labels: torch.Tensor, index: torch.Tensor) -> None:
         """Append one batch: features (B, D) per layer, labels (B,), dataset indices (B,)."""

@@ -5,6 +5,7 @@ probe is fixed, for one final evaluation.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -22,7 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from linprobe import distributed
-from linprobe.cache import FeatureCache
+from linprobe.cache import CacheError, FeatureCache, open_reserved
 from linprobe.data import as_dataset, dataset_length, fingerprint
 from linprobe.extract import extract_split, model_device
 from linprobe.metrics import balanced_error, chance_error, classification_metrics
@@ -179,7 +180,12 @@ def _standardized(raw: np.ndarray, standardizer: Standardizer, device: torch.dev
     fd, path = tempfile.mkstemp(dir=scratch, prefix=".fit-", suffix=".npy")
     os.close(fd)
     try:
-        out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=raw.shape)
+        out = open_reserved(Path(path), raw.shape, np.float32)
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        raise CacheError(f"disk full: the fit's standardised copy of a layer ({raw.size * 4 / 2**20:.0f} MiB) does "
+                         f"not fit in {scratch}: free some space there") from None
     finally:
         os.unlink(path)  # the mapping keeps the data; the file is gone when the tensor is, even after a kill
     for i in range(0, len(raw), _CHUNK_ROWS):

@@ -191,3 +191,20 @@ def test_probe_refuses_a_cache_folder_another_process_holds(tmp_path) -> None:
     finally:
         holder.kill()
         holder.wait()
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fallocate") or not os.path.isdir("/proc/self/fd"), reason="Linux only")
+def test_disk_full_for_the_fits_scratch_copy_is_a_clear_error_that_leaves_nothing(tmp_path, monkeypatch) -> None:
+    """Extraction succeeds; reserving the fit's scratch file fails: a CacheError saying so, no scratch file left."""
+    real = os.posix_fallocate
+
+    def no_space_for_scratch(fd: int, offset: int, length: int) -> None:
+        if os.readlink(f"/proc/self/fd/{fd}").rsplit("/", 1)[-1].startswith(".fit-"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(fd, offset, length)
+
+    monkeypatch.setattr(cache_module.os, "posix_fallocate", no_space_for_scratch, raising=False)
+    with pytest.raises(CacheError, match=r"disk full: the fit's standardised copy of a layer .* free some space"):
+        lp.probe(nn.Identity(), _data(), _data(seed=1), layers="input", cache_dir=tmp_path, **FAST)
+    assert not list(tmp_path.rglob(".fit-*"))
+    assert list(tmp_path.glob("features/*/train/*"))  # the extracted features are kept for the next run
