@@ -41,6 +41,16 @@ def _shape(text: str) -> tuple[int, ...]:
     return shape
 
 
+def _device(text: str) -> torch.device:
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"expected a torch device such as cpu, cuda or cuda:1, got {text!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: CUDA is not available on this machine; use --device cpu")
+    return device
+
+
 def _positive(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
@@ -60,6 +70,8 @@ def _add_probe_options(p: argparse.ArgumentParser, out_help: str) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--max-iter", type=_positive, default=500, help="L-BFGS iterations per L2 (default 500)")
+    p.add_argument("--device", type=_device, default=torch.device("cpu"),
+                   help="where the model runs and the probes are fitted: cpu (default), cuda, cuda:1, ...")
     p.add_argument("--distribute", choices=["rows", "layers", "checkpoints"], default="rows",
                    help="under torchrun: each process fits its rows of every layer (rows, default), whole layers "
                         "(layers, cheaper with many layers on a shared disk) or, for sweep, whole checkpoints "
@@ -146,7 +158,7 @@ def _sweep(args: argparse.Namespace) -> None:
     found = find_checkpoints(args.checkpoints)
     splits = _splits(args)
     result = sweep(args.model, found, splits["train"], splits["valid"], splits["test"], out=args.out,
-                   figures=not args.no_figures, **_probe_options(args))
+                   figures=not args.no_figures, device=args.device, **_probe_options(args))
     figures = "".join(f", {Path(f).name}" for f in result.meta.get("figures", {}).values())
     _print_result(result, f"{Path(args.out) / 'results.csv'} ({len(found)} checkpoints), results.json{figures} "
                           "and steps/")
@@ -169,7 +181,8 @@ def _run(args: argparse.Namespace) -> None:
         print("\n".join(names))
         return
     splits = _splits(args)
-    result = probe(model, splits["train"], splits["valid"], splits["test"], cache_dir=args.out, **_probe_options(args))
+    result = probe(model.to(args.device), splits["train"], splits["valid"], splits["test"], cache_dir=args.out,
+                   **_probe_options(args))
     _print_result(result, f"{Path(args.out) / 'results.csv'}, results.json, errors.png and probes/")
 
 

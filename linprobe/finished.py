@@ -110,7 +110,7 @@ def probe(model: nn.Module, train: Any, valid: Any, test: Any = None, *, layers:
         fit = {"l2_path": l2_path, "max_iter": max_iter, "patience": patience}
         result, bank = _fit_all(cache, "test" in splits, fit, model_device(model), step, progress, warm_start,
                                 distribute)
-        _warn_unfinished(result, max_iter)
+        _warn_unfinished(result, max_iter, step)
         result.meta.update(cache=str(cache.root), extraction_samples_per_s=stats, model=type(model).__name__,
                            extracted_in_eval_mode=True, model_was_training=was_training,
                            processes=distributed.world_size(), distribute=distribute)
@@ -121,12 +121,13 @@ def probe(model: nn.Module, train: Any, valid: Any, test: Any = None, *, layers:
     return result
 
 
-def _warn_unfinished(result: ProbeResult, max_iter: int) -> None:
+def _warn_unfinished(result: ProbeResult, max_iter: int, step: int) -> None:
     """Say which chosen probes stopped at ``max_iter`` before converging: their errors are an unfinished fit's."""
     unfinished = result.meta.get("not_converged", {})
     if unfinished and distributed.rank() == 0:
         names = ", ".join(list(unfinished)[:5]) + (", ..." if len(unfinished) > 5 else "")
-        warnings.warn(f"{len(unfinished)} probe(s) reached max_iter={max_iter} before converging ({names}; see "
+        at = f" at step {step}" if step else ""
+        warnings.warn(f"{len(unfinished)} probe(s) reached max_iter={max_iter}{at} before converging ({names}; see "
                       "result.meta['not_converged']): their errors are those of an unfinished fit; pass a larger "
                       "max_iter (--max-iter on the command line)", stacklevel=3)
 
@@ -304,7 +305,8 @@ def _assemble(cache: FeatureCache, fitted: Mapping[str, tuple[LinearProbe, dict[
     for probe in bank:
         if "test" in fitted[probe.layer][1]:
             result.add(step, probe.layer, "test", fitted[probe.layer][1]["test"])
-    unfinished = {p.layer: f"l2={p.l2:g}: stopped after {p.iterations} iterations" for p in bank if p.converged is False}
+    unfinished = {p.layer: f"l2={p.l2:g}: stopped after {p.iterations} iterations"
+                  for p in bank if p.converged is False}
     if unfinished:
         result.meta["not_converged"] = unfinished
     return result, bank

@@ -57,7 +57,7 @@ class LinearProbe(nn.Module):
         problem is convex, so the optimum is the same and only the number of iterations changes.
         ``sharded``: the rows are this process's share of a torch.distributed job's (``fit_l2_path``); pass
         the ``standardizer`` of all the rows. ``standardized``: the features were already standardised with
-        ``standardizer`` (by ``finished.probe``, into a memory-mapped scratch file, so the fit holds no copy of the layer).
+        ``standardizer`` (``finished.probe`` writes them to a memory-mapped scratch file: the fit holds no copy).
         """
         std = standardizer or Standardizer.fit([x_train])
         self.mean.copy_(std.mean), self.std.copy_(std.std)

@@ -164,32 +164,70 @@ def build_model(factory: Callable[[], Any], name: str, checkpoint: str | Path | 
 
 
 def load_checkpoint(model: nn.Module, checkpoint: str | Path, name: str) -> None:
-    """Load a state dict (or a dict holding one under ``state_dict`` or ``model``) into ``model``, strictly."""
+    """Load a state dict (or a dict holding one under ``state_dict`` or ``model``; ``.safetensors`` too) into
+    ``model``, strictly. Keys under one common prefix that the model lacks (Lightning's ``model.``, DDP's
+    ``module.``, ``torch.compile``'s ``_orig_mod.``) are matched without it."""
     if not Path(checkpoint).is_file():
         raise CheckpointError(f"checkpoint {str(checkpoint)!r} does not exist")
     try:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        state = _read_state(Path(checkpoint))
         if isinstance(state, dict):
             state = state.get("state_dict", state.get("model", state))
-        model.load_state_dict(state)
+        model.load_state_dict(_without_prefix(state, set(model.state_dict())))
     except Exception as e:  # any failure here means this file is not a checkpoint of this model
         raise CheckpointError(f"cannot load checkpoint {str(checkpoint)!r} into {name}: {e}") from e
 
 
-def _model_loader(model: ModelSource) -> tuple[str, Callable[[Path], nn.Module]]:
+def _read_state(path: Path) -> Any:
+    """The object saved in a torch file (tensors and plain containers only), or a safetensors file's tensors."""
+    if path.suffix != ".safetensors":
+        return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        raise ImportError("reading .safetensors checkpoints needs the safetensors package: "
+                          "pip install safetensors") from None
+    return load_file(path, device="cpu")
+
+
+def _without_prefix(state: Any, expected: set[str]) -> Any:
+    """``state`` with the shortest dotted key prefix removed after which its keys are exactly ``expected``; as it
+    is when there is none (``load_state_dict`` then names the keys that differ)."""
+    if not isinstance(state, Mapping) or set(state) == expected:
+        return state
+    prefixes = {key[:i + 1] for key in state for i, c in enumerate(key) if c == "."}
+    for prefix in sorted(prefixes, key=len):
+        stripped = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
+        if set(stripped) == expected:
+            return stripped
+    return state
+
+
+def _factory_name(factory: Callable[..., Any]) -> str:
+    """``module:qualname`` of a model factory, with the bound arguments of a ``functools.partial`` (no address, so
+    the same factory has the same name in every run and a resumed sweep recognises its folder)."""
+    if isinstance(factory, functools.partial):
+        bound = [repr(a) for a in factory.args] + [f"{k}={v!r}" for k, v in factory.keywords.items()]
+        return f"{_factory_name(factory.func)}({', '.join(bound)})"
+    return f"{getattr(factory, '__module__', '?')}:{getattr(factory, '__qualname__', type(factory).__qualname__)}"
+
+
+def _model_loader(model: ModelSource, device: str | torch.device | None = None,
+                  ) -> tuple[str, Callable[[Path], nn.Module]]:
     """A name for the settings and a function giving the model with one checkpoint loaded: the model is built
-    once and each checkpoint loaded into it (strictly, so nothing of the previous one is left)."""
+    once and each checkpoint loaded into it (strictly, so nothing of the previous one is left), on ``device``
+    when one is given."""
     if isinstance(model, nn.Module):
         name, build = type(model).__qualname__, lambda: model
     else:
-        name = model if isinstance(model, str) else f"{model.__module__}:{model.__qualname__}"
+        name = model if isinstance(model, str) else _factory_name(model)
         factory = import_factory(model) if isinstance(model, str) else model
         build = functools.cache(lambda: build_model(factory, name))
 
     def load(path: Path) -> nn.Module:
         built = build()
         load_checkpoint(built, path, name)
-        return built
+        return built if device is None else built.to(device)
     return name, load
 
 
@@ -198,14 +236,15 @@ def _model_loader(model: ModelSource) -> tuple[str, Callable[[Path], nn.Module]]
 
 def sweep(model: ModelSource, checkpoints: str | Path | Sequence[tuple[int, str | Path]], train: Any, valid: Any,
           test: Any = None, *, out: str | Path, layers: Any = "all", figures: bool = True, progress: bool = True,
-          **options: Any) -> ProbeResult:
+          device: str | torch.device | None = None, **options: Any) -> ProbeResult:
     """Probe ``layers`` of every checkpoint (a ``find_checkpoints`` spec or (step, file) pairs) into one table.
 
     ``model`` is ``package.module:function``, a function building the model, or a model to load each checkpoint
-    into; ``options`` are ``probe``'s (``reduce``, ``l2_path``, ``max_iter``, ...). Steps already recorded in
-    ``out`` are read back, not recomputed; ``out`` made with other settings is refused. Each step's probes are
-    warm-started from the previous step's saved probes (a convex fit: the same optimum, fewer iterations). With
-    ``figures`` the timeline of the valid top-1 error (heatmap, animation, diagnostics) is written to ``out``
+    into; ``device`` (e.g. ``"cuda"``) is where the model runs and the probes are fitted (default: where the
+    factory puts the model); ``options`` are ``probe``'s (``reduce``, ``l2_path``, ``max_iter``, ...). Steps
+    already recorded in ``out`` are read back, not recomputed; ``out`` made with other settings is refused. Each
+    step's probes are warm-started from the previous step's saved probes (a convex fit: the same optimum, fewer
+    iterations). With ``figures`` the timeline of the valid top-1 error (heatmap, animation, diagnostics) is written to ``out``
     (``meta["figures"]``). Under torch.distributed every rank runs the probes and only rank 0 writes records;
     with ``distribute="checkpoints"`` each rank instead probes its own contiguous share of the checkpoints alone
     (no collectives; cheaper when there are more checkpoints than ranks), warm-starting within its share only,
@@ -213,7 +252,7 @@ def sweep(model: ModelSource, checkpoints: str | Path | Sequence[tuple[int, str 
     """
     found = find_checkpoints(checkpoints) if isinstance(checkpoints, (str, Path)) else _by_step(
         [(int(s), Path(p)) for s, p in checkpoints])
-    name, load = _model_loader(model)
+    name, load = _model_loader(model, device)
     distributed.init_from_env()  # under torchrun: know the ranks before deciding who writes
     out = Path(out)
     splits = {"train": train, "valid": valid, **({"test": test} if test is not None else {})}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import importlib.util
 import json
 import os
 import shutil
@@ -234,3 +235,51 @@ def test_sweep_command_wrong_arguments_exit_2_with_one_line(extra, message, tmp_
 def test_sweep_command_without_checkpoints_shows_usage(capsys):
     assert main(["sweep", "--model", "linprobe.models:mnist_convnet", "--out", "x"]) == 2
     assert "the following arguments are required: --checkpoints" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ loading checkpoints
+
+
+@pytest.mark.parametrize("wrap", [
+    lambda sd: sd,
+    lambda sd: {"state_dict": {f"model.{k}": v for k, v in sd.items()}, "epoch": 3},  # a LightningModule's self.model
+    lambda sd: {f"module.{k}": v for k, v in sd.items()},  # saved from DistributedDataParallel
+    lambda sd: {"model": {f"_orig_mod.{k}": v for k, v in sd.items()}},  # saved from torch.compile
+    lambda sd: {"state_dict": {**{f"net.{k}": v for k, v in sd.items()}, "loss.weight": torch.ones(1)}},
+])
+def test_checkpoints_under_a_common_prefix_load_exactly(wrap, tmp_path):
+    saved = mnist_convnet(seed=1)
+    torch.save(wrap(saved.state_dict()), tmp_path / "step_1.pt")
+    model = mnist_convnet(seed=0)
+    sweep_module.load_checkpoint(model, tmp_path / "step_1.pt", "convnet")
+    for (name, a), b in zip(model.state_dict().items(), saved.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_a_checkpoint_of_another_model_names_the_keys(tmp_path):
+    torch.save({"model.other.weight": torch.zeros(2)}, tmp_path / "step_1.pt")
+    with pytest.raises(CheckpointError, match=r"(?s)cannot load checkpoint .*step_1\.pt.* into convnet: .*Missing key"):
+        sweep_module.load_checkpoint(mnist_convnet(seed=0), tmp_path / "step_1.pt", "convnet")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("safetensors") is not None, reason="safetensors is installed")
+def test_a_safetensors_checkpoint_without_the_package_says_what_to_install(tmp_path):
+    (tmp_path / "step_1.safetensors").write_bytes(b"\0" * 16)
+    with pytest.raises(CheckpointError, match="pip install safetensors"):
+        sweep_module.load_checkpoint(mnist_convnet(seed=0), tmp_path / "step_1.safetensors", "convnet")
+
+
+def test_the_sweep_puts_each_loaded_model_on_its_device(tmp_path):
+    torch.save(mnist_convnet(seed=1).state_dict(), tmp_path / "step_1.pt")
+    name, load = sweep_module._model_loader(functools.partial(mnist_convnet, seed=0), device="meta")
+    assert {p.device.type for p in load(tmp_path / "step_1.pt").parameters()} == {"meta"}
+    assert name == "linprobe.models:mnist_convnet(seed=0)"  # a partial is named without its address
+
+
+@pytest.mark.parametrize("device, message", [("nonsense", "expected a torch device such as cpu"),
+                                             ("cuda", "CUDA is not available on this machine")])
+def test_device_option_is_checked_up_front(device, message, capsys):
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert main(["probe", "--model", "linprobe.models:mnist_convnet", "--out", "x", "--device", device]) == 2
+    assert message in capsys.readouterr().err
