@@ -35,8 +35,10 @@ from linprobe.taps import LayerSpec, Selector, Taps, TokenReduction, frozen
 
 
 def model_fingerprint(model: nn.Module) -> str:
-    """A digest of the model's class and every parameter and buffer: a new checkpoint, a new key."""
+    """A digest of the model's structure (its repr: every submodule and its settings, e.g. an activation swapped or a
+    kernel size changed) and every parameter and buffer: a new checkpoint, a new key."""
     h = hashlib.sha256(type(model).__qualname__.encode())
+    h.update(repr(model).encode())
     for name, t in model.state_dict().items():
         h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
         h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())  # 0-d too
@@ -47,6 +49,27 @@ def cache_key(model: nn.Module, layers: list[str], reduce: Any, **options: Any) 
     """The cache folder name: everything that changes the stored features, hashed."""
     spec = {"model": model_fingerprint(model), "layers": layers, "reduce": _spec_json(reduce), **options}
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _selector_key(select: Selector | Mapping[str, Selector] | None) -> Any:
+    """What identifies ``select=`` in the cache key, per layer for a mapping: a function's name and a digest of its
+    code, so editing a selector (a lambda too) changes the key, and no memory address does."""
+    if isinstance(select, Mapping):
+        return {name: _selector_key(fn) for name, fn in sorted(select.items())}
+    if select is None:
+        return None
+    code = getattr(select, "__code__", None)
+    name = getattr(select, "__qualname__", type(select).__qualname__)
+    return name if code is None else f"{name}:{_code_digest(code)}"
+
+
+def _code_digest(code: Any) -> str:
+    """A digest of a code object's bytecode and constants (nested code objects by their own digest)."""
+    h = hashlib.sha256(code.co_code)
+    for const in code.co_consts:
+        h.update((_code_digest(const) if hasattr(const, "co_code") else repr(const)).encode())
+    h.update(repr(code.co_names).encode())
+    return h.hexdigest()[:16]
 
 
 def _spec_json(reduce: Any) -> Any:
@@ -104,7 +127,7 @@ def probe(model: nn.Module, train: Any, valid: Any, test: Any = None, *, layers:
         root = Path(cache_dir) if cache_dir is not None else _temporary_root(stack)
         taps = stack.enter_context(Taps(model, layers, select=select, tokens=tokens, repeat=repeat))  # type: ignore[arg-type]
         key = cache_key(model, taps.names, reduce, budget=feature_budget, seed=seed, dtype=dtype,
-                        tokens=tokens, select=getattr(select, "__qualname__", select), repeat=repeat)
+                        tokens=tokens, select=_selector_key(select), repeat=repeat)
         cache = stack.enter_context(FeatureCache(root / "features" / key, key).locked_by_job())
         stats = _extract_all(taps, splits, cache, reduce, feature_budget, seed, dtype, batch_size, progress)
         fit = {"l2_path": l2_path, "max_iter": max_iter, "patience": patience}

@@ -127,6 +127,21 @@ def test_cache_key_tracks_everything_that_changes_features(small_net):
     assert base != finished.cache_key(small_net, ["conv"], "auto", budget=11)
 
 
+def test_cache_key_tracks_settings_without_parameters_and_edited_selectors():
+    """Two models with equal weights but another activation, and two different selector lambdas (also inside a
+    per-layer mapping), give different keys; the same lambda written twice gives the same key."""
+    def net(act: nn.Module) -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(4, 4), act)
+
+    assert finished.cache_key(net(nn.ReLU()), ["1"], "auto") != finished.cache_key(net(nn.GELU()), ["1"], "auto")
+    first, same, other = (lambda out: out[0]), (lambda out: out[0]), (lambda out: out[1])
+    key = finished._selector_key
+    assert key(first) == key(same) != key(other)
+    assert key({"a": first}) == key({"a": same}) != key({"a": other})
+    assert "0x" not in json.dumps(key({"a": first, "b": len}))  # no memory address: a cache reused across runs
+
+
 def test_big_layer_is_reduced_by_the_budget(digits_splits):
     wide = nn.Sequential(nn.Conv2d(1, 64, 3, padding=1))  # 64 x 8 x 8 = 4096 features
     result = lp.probe(wide, *digits_splits, layers="0", feature_budget=1024, progress=False)
