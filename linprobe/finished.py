@@ -263,7 +263,7 @@ def _fit_all(cache: FeatureCache, has_test: bool, fit: Mapping[str, Any], device
     if distribute == "layers":
         fitted = {name: part for parts in distributed.all_gather_object(fitted) for name, part in parts.items()}
     result, bank = _assemble(cache, fitted, invalid, classes, chance, step)
-    result.meta["cache_read_samples_per_s"] = len(y_train) / max(read_seconds, 1e-9)  # all layers of a sample
+    result.meta["cache_read_samples_per_s"] = len(y_train) / max(read_seconds, 1e-9)  # every layer, read + standardised
     return result, bank
 
 
