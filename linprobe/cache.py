@@ -280,9 +280,3 @@ class FeatureCache:
     def labels(self, split: str, *, verify: bool = True, rows: slice | None = None) -> np.ndarray:
         """The (N,) int64 labels of ``split``, or only ``rows`` of them."""
         return self._read(split, "labels.npy", verify, rows)
-
-    def chunks(self, split: str, layer: str, rows: int = 8192) -> Iterator[np.ndarray]:
-        """The features of ``layer`` in row blocks, for streaming statistics."""
-        x = self.features(split, layer, verify=False)
-        for i in range(0, len(x), rows):
-            yield x[i:i + rows]

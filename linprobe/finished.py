@@ -192,7 +192,14 @@ def _extract_all(taps: Taps, splits: Mapping[str, Any], cache: FeatureCache, red
     return speeds
 
 
-_CHUNK_ROWS = 8192
+_BLOCK_BYTES = 16 << 20  # rows are read ~16 MiB (as float64) at a time, whatever the layer's width
+
+
+def _blocks(raw: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+    """``raw`` (N, D) in row blocks of about 16 MiB, with the first row of each (one empty block when N = 0)."""
+    rows = max(1, _BLOCK_BYTES // (8 * max(raw.shape[1], 1)))
+    for start in range(0, max(len(raw), 1), rows):
+        yield start, raw[start:start + rows]
 
 
 def _standardized(raw: np.ndarray, standardizer: Standardizer, device: torch.device, scratch: Path) -> torch.Tensor:
@@ -212,8 +219,8 @@ def _standardized(raw: np.ndarray, standardizer: Standardizer, device: torch.dev
                          f"not fit in {scratch}: free some space there") from None
     finally:
         os.unlink(path)  # the mapping keeps the data; the file is gone when the tensor is, even after a kill
-    for i in range(0, len(raw), _CHUNK_ROWS):
-        out[i:i + _CHUNK_ROWS] = standardizer(torch.from_numpy(np.array(raw[i:i + _CHUNK_ROWS], dtype=np.float32)))
+    for start, block in _blocks(raw):
+        out[start:start + len(block)] = standardizer(torch.from_numpy(np.array(block, dtype=np.float32)))
     return torch.from_numpy(out)
 
 
@@ -245,7 +252,7 @@ def _fit_all(cache: FeatureCache, has_test: bool, fit: Mapping[str, Any], device
         meta = cache.layers[name]
         probe = LinearProbe(name, reduction_from_dict(meta["reduction"]), meta["features"], len(classes)).to(device)
         raw = cache.features("train", name, rows=rows["train"])
-        standardizer = _standardizer(raw) if sharded else Standardizer.fit(cache.chunks("train", name))
+        standardizer = _standardizer(raw) if sharded else Standardizer.fit(block for _, block in _blocks(raw))
         start = time.perf_counter()
         x_train = _standardized(raw, standardizer, device, cache.root)
         read_seconds += time.perf_counter() - start
@@ -295,8 +302,7 @@ def _standardizer(raw: np.ndarray) -> Standardizer:
         raise ValueError("cannot standardise an empty training split")
 
     def chunks() -> Iterator[torch.Tensor]:
-        for i in range(0, max(len(raw), 1), _CHUNK_ROWS):
-            yield torch.from_numpy(np.array(raw[i:i + _CHUNK_ROWS], dtype=np.float64))
+        return (torch.from_numpy(np.array(block, dtype=np.float64)) for _, block in _blocks(raw))
 
     mean = distributed.all_reduce_sum(sum(c.sum(0) for c in chunks())) / n
     m2 = distributed.all_reduce_sum(sum(((c - mean) ** 2).sum(0) for c in chunks()))
