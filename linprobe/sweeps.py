@@ -42,7 +42,7 @@ from linprobe.results import ProbeResult
 ModelSource = Union[str, Callable[[], nn.Module], nn.Module]
 """``package.module:function``, a function building the model, or a model to load each checkpoint into."""
 
-CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors")
 MANIFEST_NAMES = ("checkpoints.json", "checkpoints.csv")
 SETTINGS = "sweep.json"
 RECORD = "record.json"
@@ -80,8 +80,9 @@ def parse_step(path: str | Path) -> int:
 
 
 def find_checkpoints(spec: str | Path) -> list[tuple[int, Path]]:
-    """Checkpoints as (step, file), ascending: ``spec`` is a glob, a folder (its manifest if it has one, else
-    its ``*.pt|pth|ckpt|bin`` files) or a manifest (``.json`` {step: file} or ``.csv`` with columns step,path)."""
+    """Checkpoints as (step, file), ascending: ``spec`` is a glob, a folder (its manifest if it has one, else its
+    ``*.pt|pth|ckpt|bin|safetensors`` files) or a manifest (``.json`` {step: file} or ``.csv`` with columns
+    step,path)."""
     path = Path(spec)
     if path.is_dir():
         manifests = [path / name for name in MANIFEST_NAMES if (path / name).is_file()]

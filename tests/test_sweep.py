@@ -283,3 +283,8 @@ def test_device_option_is_checked_up_front(device, message, capsys):
         pytest.skip("this machine has CUDA")
     assert main(["probe", "--model", "linprobe.models:mnist_convnet", "--out", "x", "--device", device]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_folder_lists_safetensors_checkpoints_too(tmp_path):
+    touch(tmp_path, "step_20.safetensors", "step_3.pt", "readme.md")
+    assert find_checkpoints(tmp_path) == [(3, tmp_path / "step_3.pt"), (20, tmp_path / "step_20.safetensors")]
