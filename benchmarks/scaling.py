@@ -1,9 +1,9 @@
 """Scaling: how ``lp.probe``'s time and peak memory grow with samples N, with taps, and with checkpoints.
 
 * N: each size in a fresh process, the convnet on Fashion-MNIST with per-channel pooling of the conv layers
-  (features at most 784 wide) and one L2; peak (anonymous) memory is counted from after the data are loaded, for the
-  whole call and for the fit alone (a second fresh process on the same cache). Extraction streams batch by batch to disk;
-  the fit reads each standardised layer through a memory-mapped scratch file, so neither holds a layer in memory.
+  (features at most 784 wide) and one L2; peak (anonymous) memory is counted from after the data are loaded, for
+  the whole call and for the fit alone (a second fresh process on the same cache). Extraction streams batch by batch
+  to disk; the fit reads each standardised layer through a memory-mapped scratch file: neither holds a layer.
 * taps: the deep MLP with 1 to all 129 taps.
 * checkpoints: ``linprobe.sweep`` over K checkpoints of the convnet sharing one folder; the
   slope per checkpoint against one extraction pass of every split.
@@ -102,4 +102,5 @@ def run(quick: bool) -> tuple[list[Row], str]:
     taps = mlp(depth=8 if quick else 128, limit=200 if quick else None, train_steps=0)
     counts = [1, 3] if quick else [1, 129]
     checkpoints = convnet(fashion(300 if quick else 5000, 100 if quick else 1000, 100), train_steps=0)
-    return with_n(sizes, fit_alone=not quick) + with_taps(taps, counts) + with_checkpoints(checkpoints, 2 if quick else 4), ""
+    rows = with_n(sizes, fit_alone=not quick) + with_taps(taps, counts)
+    return rows + with_checkpoints(checkpoints, 2 if quick else 4), ""

@@ -296,7 +296,8 @@ def _my_layers(cache: FeatureCache, invalid: Mapping[str, Any], distribute: str)
 
 
 def _standardizer(raw: np.ndarray) -> Standardizer:
-    """The training statistics of every rank's rows ``raw`` together, in float64 and two passes."""
+    """The training statistics of every rank's rows ``raw`` together, in float64 and two passes (collectives: all
+    ranks call it for the same layer, unlike ``Standardizer.fit``, which a rank fitting its own layers uses)."""
     n = distributed.total(len(raw), torch.device("cpu"))
     if n == 0:
         raise ValueError("cannot standardise an empty training split")

@@ -194,9 +194,10 @@ def _read_state(path: Path) -> Any:
 def _without_prefix(state: Any, expected: set[str]) -> Any:
     """``state`` with the shortest dotted key prefix removed after which its keys are exactly ``expected``; as it
     is when there is none (``load_state_dict`` then names the keys that differ)."""
-    if not isinstance(state, Mapping) or set(state) == expected:
+    if not isinstance(state, Mapping) or set(state) == expected or not expected:
         return state
-    prefixes = {key[:i + 1] for key in state for i, c in enumerate(key) if c == "."}
+    some = next(iter(expected))  # the prefix is what stands before this key in one of the saved keys
+    prefixes = {key[:-len(some)] for key in state if key.endswith("." + some)}
     for prefix in sorted(prefixes, key=len):
         stripped = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
         if set(stripped) == expected:
@@ -245,11 +246,11 @@ def sweep(model: ModelSource, checkpoints: str | Path | Sequence[tuple[int, str 
     factory puts the model); ``options`` are ``probe``'s (``reduce``, ``l2_path``, ``max_iter``, ...). Steps
     already recorded in ``out`` are read back, not recomputed; ``out`` made with other settings is refused. Each
     step's probes are warm-started from the previous step's saved probes (a convex fit: the same optimum, fewer
-    iterations). With ``figures`` the timeline of the valid top-1 error (heatmap, animation, diagnostics) is written to ``out``
-    (``meta["figures"]``). Under torch.distributed every rank runs the probes and only rank 0 writes records;
-    with ``distribute="checkpoints"`` each rank instead probes its own contiguous share of the checkpoints alone
-    (no collectives; cheaper when there are more checkpoints than ranks), warm-starting within its share only,
-    and every rank reads the combined table once all are recorded.
+    iterations). With ``figures`` the timeline of the valid top-1 error (heatmap, animation, diagnostics) is
+    written to ``out`` (``meta["figures"]``). Under torch.distributed every rank runs the probes and only rank 0
+    writes records; with ``distribute="checkpoints"`` each rank instead probes its own contiguous share of the
+    checkpoints alone (no collectives; cheaper when there are more checkpoints than ranks), warm-starting within
+    its share only, and every rank reads the combined table once all are recorded.
     """
     found = find_checkpoints(checkpoints) if isinstance(checkpoints, (str, Path)) else _by_step(
         [(int(s), Path(p)) for s, p in checkpoints])
