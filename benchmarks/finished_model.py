@@ -25,8 +25,7 @@ from torch import nn
 import linprobe as lp
 from benchmarks.fixtures import Case, convnet, fashion, mlp
 from benchmarks.timing import Row, seconds
-from linprobe.data import iter_batches
-from linprobe.extract import reduce_features
+from linprobe.inputs import Split
 from linprobe.reduce import resolve_reductions
 from linprobe.solvers import DEFAULT_L2_PATH, sklearn_C
 
@@ -60,14 +59,17 @@ def ours(case: Case, l2_path: tuple[float, ...], max_iter: int) -> dict[str, flo
 def extract_in_memory(case: Case) -> dict[str, dict[str, np.ndarray]]:
     """The recipe's extraction: hooks, one forward per batch, reduced features gathered in RAM (split -> layer)."""
     out: dict[str, dict[str, list[np.ndarray]]] = {}
-    reductions = None
     with lp.Taps(case.model, case.layers) as taps:
         for split, data in case.splits.items():
             parts = out[split] = {n: [] for n in case.layers}
-            for x, _ in iter_batches(data, 256):
-                raw = taps.run(x)
-                reductions = reductions or resolve_reductions("auto", {n: tuple(h.shape[1:]) for n, h in raw.items()})
-                for n, f in reduce_features(raw, reductions).items():
+            for batch in Split.of(data).batches(256):
+                features = taps.run(batch)
+                if not taps.reductions:  # the first (discovering) forward: choose reductions; later hooks apply them
+                    layouts = {c.name: c.layout for c in taps.plan.captures}
+                    taps.reductions = resolve_reductions("auto", {n: tuple(h.shape[1:]) for n, h in features.items()},
+                                                         layouts=layouts)
+                    features = {n: taps.reductions[n](h) for n, h in features.items()}
+                for n, f in features.items():
                     parts[n].append(f.numpy())
     return {s: {n: np.concatenate(f) for n, f in parts.items()} for s, parts in out.items()}
 
@@ -108,9 +110,9 @@ def loop_per_probe(case: Case, layers: list[str], epochs: int) -> dict[str, floa
     for layer in layers:
         with lp.OnlineProbes(case.model, [layer], num_classes=10) as probes, torch.no_grad():
             for _ in range(epochs):
-                for x, y in iter_batches(case.splits["train"], case.batch_size):
-                    case.model(x)
-                    probes.step(y)
+                for batch in Split.of(case.splits["train"]).batches(case.batch_size):
+                    case.model(batch.inputs)
+                    probes.step(batch.labels)
             errors[layer] = probes.evaluate(case.splits["valid"]).errors("valid")[layer]
     return errors
 

@@ -64,7 +64,11 @@ def open_reserved(path: Path, shape: tuple[int, ...], dtype: Any) -> np.memmap:
 
 
 class ShardWriter:
-    """Writes one shard of a split row block by row block into memory-mapped .npy files."""
+    """Writes one shard of a split row block by row block into .npy files (space reserved up front).
+
+    Rows are appended with plain file writes, not through a writable memory map: the written pages then sit
+    in the OS page cache, which is not this process's memory (a map's dirty pages would count in its RSS
+    until the shard is complete: gigabytes for a wide model)."""
 
     def __init__(self, folder: Path, widths: Mapping[str, int], n: int, dtype: np.dtype) -> None:
         self.final = folder
@@ -72,8 +76,10 @@ class ShardWriter:
         self.n, self.pos = n, 0
         shutil.rmtree(self.tmp, ignore_errors=True)
         self.tmp.mkdir(parents=True)
-        self.arrays: dict[str, np.memmap] = {}
+        self.files: dict[str, Any] = {}
+        self.dtypes: dict[str, np.dtype] = {}
         self.hashes: dict[str, Any] = {}
+        self.rows: dict[str, int] = {}
         try:
             for name, width in widths.items():
                 self._open(_layer_file(name), (n, width), dtype)
@@ -84,33 +90,51 @@ class ShardWriter:
             raise
 
     def _open(self, file: str, shape: tuple[int, ...], dtype: np.dtype) -> None:
-        """Create one memory-mapped .npy with its disk space reserved: a full disk fails here, not as a
-        crash (SIGBUS) when a page of the map is first written."""
-        self.arrays[file] = open_reserved(self.tmp / file, shape, dtype)
-        self.hashes[file] = hashlib.sha256()
+        """Create one .npy with its disk space reserved (a full disk fails here) and open it after its header."""
+        reserved = open_reserved(self.tmp / file, shape, dtype)
+        offset = reserved.offset
+        del reserved
+        handle = open(self.tmp / file, "r+b")  # noqa: SIM115 - closed by commit / abort
+        handle.seek(offset)
+        self.files[file], self.dtypes[file], self.hashes[file] = handle, np.dtype(dtype), hashlib.sha256()
+        self.rows[file] = 0
 
     def write(self, features: Mapping[str, torch.Tensor], labels: torch.Tensor, index: torch.Tensor) -> None:
         """Append one batch: features (B, D) per layer, labels (B,), dataset indices (B,)."""
+        for name, block in features.items():
+            self.write_layer(name, block)
+        self.write_rows(labels, index)
+
+    def write_layer(self, name: str, block: torch.Tensor) -> None:
+        """Append one batch's (B, D) features of one layer (the batch's rows are closed by ``write_rows``)."""
+        self._append(_layer_file(name), block, len(block))
+
+    def write_rows(self, labels: torch.Tensor, index: torch.Tensor) -> None:
+        """Close one batch: its labels (B,) and dataset indices (B,); every layer must have got B rows."""
         b = len(labels)
-        if self.pos + b > self.n:
-            raise CacheError(f"more samples than announced ({self.pos + b} > {self.n}): the data changed length")
-        blocks = {_layer_file(k): v for k, v in features.items()}
-        blocks["labels.npy"], blocks["index.npy"] = labels, index
-        for file, block in blocks.items():
-            arr = self.arrays[file]
-            data = np.ascontiguousarray(block.detach().cpu().numpy().astype(arr.dtype, copy=False))
-            arr[self.pos:self.pos + b] = data
-            self.hashes[file].update(data.data)
+        self._append("labels.npy", labels, b)
+        self._append("index.npy", index, b)
         self.pos += b
+        short = [f for f, rows in self.rows.items() if rows != self.pos]
+        if short:
+            raise CacheError(f"{short[0]} has {self.rows[short[0]]} rows after a batch that closed at {self.pos}: "
+                             "every layer must give one row per sample")
+
+    def _append(self, file: str, block: torch.Tensor, rows: int) -> None:
+        if self.rows[file] + rows > self.n:
+            raise CacheError(f"more samples than announced ({self.rows[file] + rows} > {self.n}): the data changed "
+                             "length")
+        data = np.ascontiguousarray(block.detach().cpu().numpy().astype(self.dtypes[file], copy=False))
+        self.files[file].write(data.data)
+        self.hashes[file].update(data.data)
+        self.rows[file] += rows
 
     def commit(self) -> dict[str, Any]:
         """Flush, check the row count, and move the shard into place; returns its manifest entry."""
         if self.pos != self.n:
             raise CacheError(f"extraction wrote {self.pos} of {self.n} samples (a DataLoader with drop_last?); "
                              "probe data must cover every sample")
-        for arr in self.arrays.values():
-            arr.flush()
-        self.arrays.clear()
+        self._close()
         shutil.rmtree(self.final, ignore_errors=True)
         os.replace(self.tmp, self.final)
         return {"name": self.final.name, "rows": self.n,
@@ -118,8 +142,13 @@ class ShardWriter:
 
     def abort(self) -> None:
         """Drop a half-written shard."""
-        self.arrays.clear()
+        self._close()
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def _close(self) -> None:
+        for handle in self.files.values():
+            handle.close()
+        self.files.clear()
 
 
 _VERIFIED: set[tuple[str, int, int, str]] = set()
@@ -197,9 +226,13 @@ class FeatureCache:
         """Per-layer metadata: raw shape, reduction (as a dict) and stored width."""
         return self.manifest["layers"]
 
-    def set_layers(self, order: list[str], layers: Mapping[str, dict[str, Any]]) -> None:
-        """Record the layer metadata once (later splits must reuse the same reductions)."""
+    def set_layers(self, order: list[str], layers: Mapping[str, dict[str, Any]],
+                   plan: Mapping[str, Any] | None = None) -> None:
+        """Record the layer metadata and the taps' plan once (later splits must reuse the same captures and
+        reductions)."""
         self.manifest["order"], self.manifest["layers"] = list(order), dict(layers)
+        self.manifest["plan"] = dict(plan) if plan is not None else {
+            "captures": [[n, [n, "output"], [0], "tokens"] for n in order], "skipped": {}, "mutable": []}
         self._save()
 
     def is_complete(self, split: str, data_fingerprint: str) -> bool:

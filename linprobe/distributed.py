@@ -17,9 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
 
-from linprobe.data import ArrayDataset, as_dataset
 
 T = TypeVar("T")
 _alone = False  # inside ``local()``: this process works on its own share, as a job of one
@@ -76,27 +74,6 @@ def shard_range(n: int, rank: int, world: int, block: int = 1) -> range:
     start = rank * per + min(rank, extra)
     stop = start + per + (rank < extra)
     return range(min(start * block, n), min(stop * block, n))
-
-
-def shard_data(data: Any, rows: range) -> Dataset | DataLoader:
-    """The samples at ``rows`` of a Dataset, DataLoader or ``(x, y)`` pair. A DataLoader keeps its batch size,
-    collate function and workers; its sampler is replaced by the rows in order."""
-    data = as_dataset(data)
-    if isinstance(data, ArrayDataset):
-        return ArrayDataset(data.x[rows.start:rows.stop], data.y[rows.start:rows.stop])
-    if isinstance(data, DataLoader):
-        if data.batch_size is None:
-            raise ValueError("a DataLoader with a batch_sampler cannot be split across processes; pass its dataset "
-                             "and a batch_size instead")
-        return DataLoader(Subset(data.dataset, rows), batch_size=data.batch_size, collate_fn=data.collate_fn,
-                          num_workers=data.num_workers, pin_memory=data.pin_memory)
-    return Subset(data, rows)
-
-
-def batch_size_of(data: Any, default: int) -> int:
-    """The batch size extraction will use: a DataLoader's own, else ``default``."""
-    data = as_dataset(data)
-    return (data.batch_size or default) if isinstance(data, DataLoader) else default
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -12,9 +12,9 @@ from tqdm.auto import tqdm
 
 from linprobe import distributed
 from linprobe.cache import CacheError, FeatureCache
-from linprobe.data import dataset_length, iter_batches
-from linprobe.reduce import Reduction
-from linprobe.taps import Taps
+from linprobe.inputs import Batch, Split
+from linprobe.reduce import Reduction, reduction_from_dict
+from linprobe.taps import Plan, Taps, discovery_batch
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -24,108 +24,134 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def to_device(x: Any, device: torch.device) -> Any:
-    """Move a tensor, or the tensors inside a tuple, list or dict, to ``device``."""
-    if isinstance(x, torch.Tensor):
-        return x.to(device, non_blocking=True)
-    if isinstance(x, Mapping):
-        return {k: to_device(v, device) for k, v in x.items()}
-    if isinstance(x, (tuple, list)):
-        return type(x)(to_device(v, device) for v in x)
-    return x
+def model_float_dtype(model: nn.Module) -> torch.dtype | None:
+    """The floating dtype of the model's first floating parameter or buffer (floating inputs are cast to it)."""
+    for t in (*model.parameters(), *model.buffers()):
+        if t.is_floating_point():
+            return t.dtype
+    return None
 
 
-def reduce_features(features: Mapping[str, torch.Tensor], reductions: Mapping[str, Reduction]) -> dict[str, torch.Tensor]:
-    """Apply each layer's reduction: (B, ...) outputs to (B, D) float32 features."""
-    return {name: reductions[name](h) for name, h in features.items()}
+def prepared(batch: Batch, model: nn.Module) -> Batch:
+    """A batch on the model's device, its floating inputs in the model's floating dtype."""
+    return batch.to(model_device(model), model_float_dtype(model))
 
 
-def extract_split(taps: Taps, data: Any, cache: FeatureCache, split: str, *, data_fingerprint: str,
-                  reductions: Callable[[dict[str, torch.Tensor]], dict[str, Reduction]],
+ChooseReductions = Callable[[Mapping[str, torch.Tensor], Plan], dict[str, Reduction]]
+
+
+def discover(taps: Taps, split: Split, batch_size: int, name: str = "train") -> dict[str, torch.Tensor]:
+    """The discovering forward on the first few samples of ``split``: what runs, with which per-sample shapes
+    (``taps.plan``); returns those samples' features, token-reduced but not reduced."""
+    first = next(iter(split.batches(split.batch_size(batch_size))), None)
+    if first is None:
+        raise ValueError(f"the {name} data yielded no batch (a DataLoader with drop_last and fewer samples than its "
+                         "batch size?): probing needs samples in every split")
+    taps.plan, taps.reductions = None, {}
+    return taps.run(prepared(discovery_batch(first), taps.model))
+
+
+def extract_split(taps: Taps, split: Split, cache: FeatureCache, name: str, *, reductions: ChooseReductions,
                   batch_size: int = 256, dtype: str = "float32", progress: bool = True) -> float:
-    """Run the (frozen) model over ``data`` once and write every tap's reduced features to ``cache``.
+    """Run the (frozen) model over ``split`` once and write every capture's reduced features to ``cache``.
 
-    ``reductions`` is called with the first batch's raw features and returns the reduction per
-    layer (it also records the layer metadata in the cache). The first batch runs the whole
-    forward to check that every layer executes; later batches stop after the deepest tap. Every
-    batch is checked: one row per label, the shapes of the first batch, finite values (a layer with
-    a NaN or Inf is recorded in the split's ``nonfinite`` entry with its first batch and sample).
+    Before the first split a discovering forward on a few samples makes the taps' plan and ``reductions`` chooses
+    each capture's reduction (recording both in the cache); later splits and resumed runs take them from the
+    cache. Every forward reduces inside the hooks and writes each capture to the shard as soon as it is reduced
+    (the taps' ``sink``), so a batch holds one capture at a time, and stops after the deepest capture. Every batch is checked: one row per label, the shapes of the first batch,
+    finite values (a layer with a NaN or Inf is recorded in the split's ``nonfinite`` entry with its first batch
+    and sample).
 
-    Under torch.distributed each rank extracts its own contiguous whole batches of ``data``
-    (``distributed.shard_range``) into its own shard; rank 0 chooses the reductions first and records
-    every rank's shard in the manifest, which every rank then holds. Returns the throughput of the
-    whole split in samples per second.
+    Under torch.distributed each rank extracts its own contiguous whole batches of ``split``
+    (``distributed.shard_range``) into its own shard; rank 0 makes the plan and reductions first and records
+    every rank's shard in the manifest, which every rank then holds. Returns the throughput of the whole split
+    in samples per second.
     """
     rank, world = distributed.rank(), distributed.world_size()
-    n = dataset_length(data)
-    rows = distributed.shard_range(n, rank, world, distributed.batch_size_of(data, batch_size))
+    n, size = len(split), split.batch_size(batch_size)
+    rows = distributed.shard_range(n, rank, world, size)
     start = time.perf_counter()
-    if world > 1 and not cache.layers:
-        _agree_layers(taps, data, cache, reductions, batch_size)
+    if not cache.layers:
+        if rank == 0:
+            reductions(discover(taps, split, batch_size, name), taps.plan)
+        cache.manifest = distributed.broadcast_object(cache.manifest)
+    taps.plan = Plan.from_dict(cache.manifest["plan"])
+    taps.reductions = {n: reduction_from_dict(cache.layers[n]["reduction"]) for n in cache.manifest["order"]}
     shard = None
     if len(rows) or world == 1:  # a rank left without rows (fewer batches than ranks) writes no shard
-        local = distributed.shard_data(data, rows) if world > 1 else data
-        shard = _extract_shard(taps, local, cache, split, rows, reductions=reductions, batch_size=batch_size,
-                               dtype=dtype, progress=progress and rank == 0)
+        local = split.shard(rows) if world > 1 else split
+        shard = _extract_shard(taps, local, cache, name, rows, batch_size=size, dtype=dtype,
+                               progress=progress and rank == 0)
     seconds = time.perf_counter() - start
     shards = [s for s in distributed.all_gather_object(shard) if s is not None]
     if rank == 0:
-        cache.complete(split, data_fingerprint, [s for s, _ in shards], seconds=seconds,
+        cache.complete(name, split.fingerprint(), [s for s, _ in shards], seconds=seconds,
                        nonfinite=_first_nonfinite(found for _, found in shards))
     cache.manifest = distributed.broadcast_object(cache.manifest)
     return n / max(time.perf_counter() - start, 1e-9)
 
 
-def _agree_layers(taps: Taps, data: Any, cache: FeatureCache,
-                  reductions: Callable[[dict[str, torch.Tensor]], dict[str, Reduction]], batch_size: int) -> None:
-    """Rank 0 chooses the reductions from the split's first batch and records them; every rank takes its manifest."""
-    if distributed.rank() == 0:
-        x, _ = next(iter(iter_batches(data, batch_size)))
-        reductions(taps.run(to_device(x, model_device(taps.model))))
-    cache.manifest = distributed.broadcast_object(cache.manifest)
-
-
-def _extract_shard(taps: Taps, data: Any, cache: FeatureCache, split: str, rows: range, *,
-                   reductions: Callable[[dict[str, torch.Tensor]], dict[str, Reduction]], batch_size: int,
+def _extract_shard(taps: Taps, split: Split, cache: FeatureCache, name: str, rows: range, *, batch_size: int,
                    dtype: str, progress: bool) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
-    """Extract ``data`` (the dataset's ``rows``) into this rank's shard; returns its manifest entry and the first
+    """Extract ``split`` (the dataset's ``rows``) into this rank's shard; returns its manifest entry and the first
     NaN/Inf of each layer (batch and sample numbered within the whole split)."""
-    device, storage = model_device(taps.model), getattr(torch, dtype)
+    storage = getattr(torch, dtype)
     rank, world = distributed.rank(), distributed.world_size()
-    first_batch = rows.start // distributed.batch_size_of(data, batch_size)
-    writer, chosen = None, {}
+    first_batch = rows.start // batch_size
+    writer = None
     nonfinite: dict[str, dict[str, Any]] = {}
-    taps.stop_early = False
+    seq = rows.start  # the dataset index of the batch's first sample
+    now: dict[str, Any] = {}  # the batch being extracted, for the sink
+
+    def sink(layer: str, reduced: torch.Tensor) -> None:
+        """Check one capture of the current batch and write it to the shard at once."""
+        batch = now["batch"]
+        _check_layer(layer, reduced, now["rows"], cache, name, now["number"])
+        stored = reduced.to(storage)
+        for row, what in _nonfinite({layer: reduced}, {layer: stored}).values():
+            nonfinite.setdefault(layer, {"batch": now["number"], "sample": seq + _sample_of(batch, row), "value": what})
+        writer.write_layer(layer, stored)
+
+    taps.stop_early, taps.sink = True, sink
     try:
-        bar = tqdm(total=len(rows), desc=f"extract {split}", unit="sample", disable=not progress, leave=False)
-        for batch, (x, y) in enumerate(iter_batches(data, batch_size), start=first_batch):
-            raw = taps.run(to_device(x, device))
-            if writer is None:
-                chosen = reductions(raw)
-                writer = cache.writer(split, len(rows), dtype=dtype, rank=rank, world=world)
-                taps.stop_early = True
-            _check_batch(raw, len(y), cache, split, batch)
-            reduced = reduce_features(raw, chosen)
-            stored = {name: f.to(storage) for name, f in reduced.items()}
-            at = rows.start + writer.pos
-            for name, (row, what) in _nonfinite(reduced, stored).items():
-                nonfinite.setdefault(name, {"batch": batch, "sample": at + row, "value": what})
-            writer.write(stored, y, torch.arange(at, at + len(y)))
-            bar.update(len(y))
+        writer = cache.writer(name, split.rows(batch_size), dtype=dtype, rank=rank, world=world)
+        bar = tqdm(total=len(rows), desc=f"extract {name}", unit="sample", disable=not progress, leave=False)
+        for number, batch in enumerate(split.batches(batch_size), start=first_batch):
+            targets = batch.targets
+            now.update(batch=batch, rows=len(targets), number=number)
+            taps.run(prepared(batch, taps.model))
+            writer.write_rows(targets, _dataset_index(batch, seq))
+            seq += batch.size
+            bar.update(batch.size)
         bar.close()
-        if writer is None:
-            raise ValueError(f"the {split} data yielded no batch (a DataLoader with drop_last and fewer samples than "
+        if writer.pos == 0 and seq == rows.start:
+            raise ValueError(f"the {name} data yielded no batch (a DataLoader with drop_last and fewer samples than "
                              "its batch size?): probing needs samples in every split")
+        if writer.pos == 0:
+            raise ValueError(f"the {name} split holds no labelled token (every label is -100)")
         return {**writer.commit(), "start": rows.start}, nonfinite
     except BaseException as e:
         if writer is not None:
             writer.abort()
         if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-            raise CacheError(f"disk full while writing the {split} features into {cache.root}: free some space or "
+            raise CacheError(f"disk full while writing the {name} features into {cache.root}: free some space or "
                              "pass a cache_dir on a bigger disk (nothing half-written was kept)") from e
         raise
     finally:
-        taps.stop_early = False
+        taps.stop_early, taps.sink = False, None
+
+
+def _dataset_index(batch: Batch, first: int) -> torch.Tensor:
+    """The dataset index of each row: the sample's, or for per-token labels the index of the token's sequence."""
+    index = torch.arange(first, first + batch.size)
+    if not batch.token_level:
+        return index
+    return index[:, None].expand_as(batch.labels)[batch.token_index]
+
+
+def _sample_of(batch: Batch, row: int) -> int:
+    """The sample (sequence) within the batch that a row comes from."""
+    return int(_dataset_index(batch, 0)[row])
 
 
 def _first_nonfinite(found: Iterable[Mapping[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
@@ -138,20 +164,19 @@ def _first_nonfinite(found: Iterable[Mapping[str, dict[str, Any]]]) -> dict[str,
     return first
 
 
-def _check_batch(raw: Mapping[str, torch.Tensor], labels: int, cache: FeatureCache, split: str, batch: int) -> None:
-    """Each layer gives one row per label and the per-sample shape recorded from the first batch."""
-    for name, h in raw.items():
-        rows = h.shape[0] if h.dim() else 0  # a scalar output has no batch axis
-        if rows != labels:
-            raise ValueError(f"layer {name!r} gave {rows} rows for the {labels} labels of batch {batch} of the "
-                             f"{split} split: x and y need one label per sample, and the tapped tensor must be "
-                             "batch-first (pick another with select=)")
-        expected = tuple(cache.layers[name]["shape"])
-        if tuple(h.shape[1:]) != expected:
-            raise ValueError(f"layer {name!r} gave per-sample shape {tuple(h.shape[1:])} in batch {batch} of the "
-                             f"{split} split but {expected} in the first batch extracted into {cache.root}: every "
-                             "sample must give one shape (resize inputs, use tokens= for sequences, or delete that "
-                             "folder if it was made from differently shaped data)")
+def _check_layer(name: str, h: torch.Tensor, labels: int, cache: FeatureCache, split: str, batch: int) -> None:
+    """A layer gives one row per label and the width recorded from the first batch."""
+    rows = h.shape[0] if h.dim() else 0  # a scalar output has no batch axis
+    if rows != labels:
+        raise ValueError(f"layer {name!r} gave {rows} rows for the {labels} labels of batch {batch} of the "
+                         f"{split} split: x and y need one label per sample, and the tapped tensor must be "
+                         "batch-first (pick another with select=)")
+    expected = cache.layers[name]["features"]
+    if h.shape[1] != expected:
+        raise ValueError(f"layer {name!r} gave {h.shape[1]} features in batch {batch} of the {split} split but "
+                         f"{expected} in the first batch extracted into {cache.root}: every sample must give one "
+                         "shape (resize inputs, use tokens= for sequences, or delete that folder if it was made "
+                         "from differently shaped data)")
 
 
 def _nonfinite(reduced: Mapping[str, torch.Tensor], stored: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, str]]:

@@ -24,14 +24,14 @@ from tqdm.auto import tqdm
 
 from linprobe import distributed
 from linprobe.cache import CacheError, FeatureCache, open_reserved
-from linprobe.data import as_dataset, dataset_length, fingerprint
 from linprobe.extract import extract_split, model_device
+from linprobe.inputs import InputSpec, Split, as_splits
 from linprobe.metrics import balanced_error, chance_error, classification_metrics
 from linprobe.probes import LinearProbe, ProbeBank
 from linprobe.reduce import DEFAULT_FEATURE_BUDGET, ReduceSpec, Reduction, Standardizer, reduction_from_dict, resolve_reductions
 from linprobe.results import LayerInfo, ProbeResult
 from linprobe.solvers import DEFAULT_L2_PATH
-from linprobe.taps import LayerSpec, Selector, Taps, TokenReduction, frozen
+from linprobe.taps import LayerSpec, Plan, RepeatPolicy, Selector, Taps, TokenReduction, frozen
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -84,13 +84,20 @@ def probe(model: nn.Module, train: Any, valid: Any, test: Any = None, *, layers:
           cache_dir: str | Path | None = None, out_dir: str | Path | None = None, reduce: ReduceSpec = "auto",
           feature_budget: int = DEFAULT_FEATURE_BUDGET, dtype: str = "float32",
           l2_path: tuple[float, ...] = DEFAULT_L2_PATH, batch_size: int = 256, seed: int = 0,
-          select: Selector | Mapping[str, Selector] | None = None, tokens: TokenReduction = None,
-          repeat: str = "error", step: int = 0, progress: bool = True, plot: bool = True,
-          max_iter: int = 500, patience: int | None = 2, warm_start: ProbeBank | None = None,
+          select: Selector | Mapping[str, Selector] | None = None, tokens: TokenReduction = "auto",
+          repeat: RepeatPolicy = "each", inputs: InputSpec | None = None, step: int = 0, progress: bool = True,
+          plot: bool = True, max_iter: int = 500, patience: int | None = 2, warm_start: ProbeBank | None = None,
           distribute: str = "rows") -> ProbeResult:
     """Probe every chosen layer of a finished model: train / valid (/ test) error, top-5, cross-entropy.
 
-    Data are Datasets, DataLoaders or ``(x, y)`` arrays. Features are cached under
+    Data are ``(x, y)`` arrays or tensors (``x`` of any dtype, or a tuple / dict of them: ``model(*x)``,
+    ``model(**x)``), Datasets or DataLoaders yielding ``(x, y)`` or a dict holding ``labels`` (``inputs=``
+    names other keys; see ``linprobe.inputs``). Labels ``(N, T)`` with -100 for unlabelled tokens make each
+    labelled token a sample. ``layers="all"`` probes every module that runs and gives a per-sample tensor
+    (``meta["skipped"]`` says what was left out and why), ``"residual"`` a transformer's residual stream; a
+    module called several times gives a probe per call (``name#k``) unless ``repeat=`` says otherwise.
+    ``tokens="auto"`` averages a ``(B, T, D)`` output over the real tokens of the batch's ``attention_mask``
+    (and keeps it whole without a mask); ``"mean"``, ``"first"``, ``"last"`` use the mask too. Features are cached under
     ``cache_dir/features/<key>`` (a temporary folder when ``cache_dir`` is None) and reused when the
     model, layers, reductions and data are the same. Results (``results.csv``, ``results.json``,
     ``errors.png``, ``probes/``) go to ``out_dir``, else ``cache_dir``. The model is run in eval
@@ -118,22 +125,24 @@ def probe(model: nn.Module, train: Any, valid: Any, test: Any = None, *, layers:
         raise ValueError(f"distribute must be 'rows' or 'layers', not {distribute!r}")
     distributed.init_from_env()
     model = distributed.unwrap(model)
-    splits = {"train": as_dataset(train), "valid": as_dataset(valid)}
-    if test is not None:
-        splits["test"] = as_dataset(test)
+    spec = inputs or InputSpec()
+    splits = as_splits({"train": train, "valid": valid, "test": test}, spec)
     _check_inputs(splits, dtype)
     was_training = any(m.training for m in model.modules())
     with ExitStack() as stack:
         root = Path(cache_dir) if cache_dir is not None else _temporary_root(stack)
         taps = stack.enter_context(Taps(model, layers, select=select, tokens=tokens, repeat=repeat))  # type: ignore[arg-type]
         key = cache_key(model, taps.names, reduce, budget=feature_budget, seed=seed, dtype=dtype,
-                        tokens=tokens, select=_selector_key(select), repeat=repeat)
+                        tokens=tokens, select=_selector_key(select), repeat=repeat, inputs=repr(spec))
         cache = stack.enter_context(FeatureCache(root / "features" / key, key).locked_by_job())
         stats = _extract_all(taps, splits, cache, reduce, feature_budget, seed, dtype, batch_size, progress)
         fit = {"l2_path": l2_path, "max_iter": max_iter, "patience": patience}
         result, bank = _fit_all(cache, "test" in splits, fit, model_device(model), step, progress, warm_start,
                                 distribute)
         _warn_unfinished(result, max_iter, step)
+        _warn_invalid(result)
+        if cache.manifest["plan"]["skipped"]:
+            result.meta["skipped"] = dict(cache.manifest["plan"]["skipped"])
         result.meta.update(cache=str(cache.root), extraction_samples_per_s=stats, model=type(model).__name__,
                            extracted_in_eval_mode=True, model_was_training=was_training,
                            processes=distributed.world_size(), distribute=distribute)
@@ -155,40 +164,50 @@ def _warn_unfinished(result: ProbeResult, max_iter: int, step: int) -> None:
                       "max_iter (--max-iter on the command line)", stacklevel=3)
 
 
+def _warn_invalid(result: ProbeResult) -> None:
+    """Say which layers got no probe because their features hold NaN or Inf."""
+    invalid = result.meta.get("invalid", {})
+    if invalid and distributed.rank() == 0:
+        first = next(iter(invalid.items()))
+        warnings.warn(f"{len(invalid)} layer(s) hold NaN or Inf and got no probe (first: {first[0]}: {first[1]}; see "
+                      "result.meta['invalid'])", stacklevel=3)
+
+
 def _temporary_root(stack: ExitStack) -> Path:
     """A temporary cache folder made by rank 0 and removed when it is done; every rank gets its path."""
     made = stack.enter_context(tempfile.TemporaryDirectory()) if distributed.rank() == 0 else None
     return Path(distributed.broadcast_object(made))
 
 
-def _check_inputs(splits: Mapping[str, Any], dtype: str) -> None:
-    """Refuse, before any forward pass, an empty split or a storage type that would not hold features."""
+def _check_inputs(splits: Mapping[str, Split], dtype: str) -> None:
+    """Refuse, before any forward pass, an empty split, inputs holding NaN or Inf, or a storage type that would
+    not hold features."""
     if dtype not in ("float32", "float16"):
         raise ValueError(f"dtype must be 'float32' or 'float16' (the cache's storage type), not {dtype!r}")
     for name, data in splits.items():
-        if dataset_length(data) == 0:
+        if len(data) == 0:
             raise ValueError(f"the {name} split is empty: probing needs samples in every split")
+        data.check_finite(name)
 
 
-def _extract_all(taps: Taps, splits: Mapping[str, Any], cache: FeatureCache, reduce: ReduceSpec, budget: int,
+def _extract_all(taps: Taps, splits: Mapping[str, Split], cache: FeatureCache, reduce: ReduceSpec, budget: int,
                  seed: int, dtype: str, batch_size: int, progress: bool) -> dict[str, float]:
     """Extract the splits not already complete in the cache; returns samples/s per extracted split."""
-    def reductions(raw: dict[str, torch.Tensor]) -> dict[str, Reduction]:
-        if cache.layers:  # a later split, or a resumed run: the saved reductions, never re-drawn
-            return {n: reduction_from_dict(cache.layers[n]["reduction"]) for n in cache.manifest["order"]}
-        shapes = {n: tuple(h.shape[1:]) for n, h in raw.items()}
-        chosen = resolve_reductions(reduce, shapes, budget=budget, seed=seed)
-        cache.set_layers(list(raw), {n: {"shape": list(shapes[n]), "reduction": r.to_dict(),
-                                         "features": r.out_features(shapes[n])} for n, r in chosen.items()})
+    def reductions(features: Mapping[str, torch.Tensor], plan: Plan) -> dict[str, Reduction]:
+        shapes = {n: tuple(h.shape[1:]) for n, h in features.items()}
+        layouts = {c.name: c.layout for c in plan.captures}
+        chosen = resolve_reductions(reduce, shapes, budget=budget, seed=seed, layouts=layouts)
+        cache.set_layers(list(features), {n: {"shape": list(shapes[n]), "reduction": r.to_dict(),
+                                              "features": r.out_features(shapes[n])} for n, r in chosen.items()},
+                         plan=plan.to_dict())
         return chosen
 
     speeds = {}
     with frozen(taps.model):
-        for split, data in splits.items():
-            fp = fingerprint(data)
-            if not distributed.broadcast_object(cache.is_complete(split, fp)):  # rank 0's view of the shared folder
-                speeds[split] = extract_split(taps, data, cache, split, data_fingerprint=fp, reductions=reductions,
-                                              batch_size=batch_size, dtype=dtype, progress=progress)
+        for name, split in splits.items():
+            if not distributed.broadcast_object(cache.is_complete(name, split.fingerprint())):  # rank 0's view
+                speeds[name] = extract_split(taps, split, cache, name, reductions=reductions, batch_size=batch_size,
+                                             dtype=dtype, progress=progress)
     return speeds
 
 

@@ -13,6 +13,7 @@ buffers or the global random generator.
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -22,12 +23,13 @@ from torch import nn
 from torch.optim.adam import adam
 
 from linprobe import distributed
-from linprobe.data import as_labels, iter_batches
-from linprobe.extract import model_device, reduce_features, to_device
+from linprobe.data import as_labels
+from linprobe.extract import prepared
+from linprobe.inputs import InputSpec, Split
 from linprobe.metrics import chance_error
 from linprobe.reduce import DEFAULT_FEATURE_BUDGET, ReduceSpec, Reduction, resolve_reductions
 from linprobe.results import LayerInfo, ProbeResult
-from linprobe.taps import LayerSpec, Selector, Taps, TokenReduction, frozen
+from linprobe.taps import CaptureChanged, LayerSpec, RepeatPolicy, Selector, Taps, TokenReduction, frozen
 
 OptimizerFactory = Callable[[list[dict[str, Any]]], torch.optim.Optimizer]
 
@@ -117,10 +119,11 @@ class OnlineProbes(nn.Module):
     def __init__(self, model: nn.Module, layers: LayerSpec = "all", *, num_classes: int, lr: float = 1e-3,
                  weight_decay: float = 0.0, optimizer: OptimizerFactory | None = None, reduce: ReduceSpec = "auto",
                  feature_budget: int = DEFAULT_FEATURE_BUDGET, seed: int = 0,
-                 select: Selector | Mapping[str, Selector] | None = None, tokens: TokenReduction = None,
-                 repeat: str = "error") -> None:
+                 select: Selector | Mapping[str, Selector] | None = None, tokens: TokenReduction = "auto",
+                 repeat: RepeatPolicy = "each", inputs: InputSpec | None = None) -> None:
         super().__init__()
-        self.taps = Taps(model, layers, select=select, tokens=tokens, repeat=repeat)  # type: ignore[arg-type]
+        self.taps = Taps(model, layers, select=select, tokens=tokens, repeat=repeat)
+        self.inputs = inputs or InputSpec()
         self.taps.attach()
         self.num_classes = num_classes
         self._make_optimizer = optimizer or (lambda groups: _adam(groups, lr=lr, weight_decay=weight_decay))
@@ -146,7 +149,10 @@ class OnlineProbes(nn.Module):
     def _build(self, raw: Mapping[str, torch.Tensor]) -> None:
         """Choose reductions and create the probes on the first batch, when layer shapes are known."""
         self.shapes = {n: tuple(h.shape[1:]) for n, h in raw.items()}
-        self.reductions = resolve_reductions(self._reduce, self.shapes, budget=self._budget, seed=self._seed)
+        layouts = {c.name: c.layout for c in self.taps.plan.captures} if self.taps.plan else {}
+        self.reductions = resolve_reductions(self._reduce, self.shapes, budget=self._budget, seed=self._seed,
+                                             layouts=layouts)
+        self.taps.reductions = self.reductions
         by_width: dict[int, list[str]] = {}
         for name, shape in self.shapes.items():
             by_width.setdefault(self.reductions[name].out_features(shape), []).append(name)
@@ -162,10 +168,14 @@ class OnlineProbes(nn.Module):
         Returns the summed probe loss (detached) and per-layer batch metrics named
         ``probe/<layer>/train_top1_error`` for the caller to log.
         """
-        raw = self.taps.collect()
-        if self.optimizer is None:
-            self._build(raw)
-        feats = reduce_features(raw, self.reductions)
+        try:
+            feats = self.taps.collect()
+        except CaptureChanged as e:  # this forward's copy of that layer is wrong: learn nothing from it
+            warnings.warn(f"training step {self.steps} skipped: {e}", stacklevel=2)
+            return torch.zeros(()), {}
+        if self.optimizer is None:  # the first forward: captures found, reductions chosen, then applied in the hooks
+            self._build(feats)
+            feats = {n: self.reductions[n](h) for n, h in feats.items()}
         y = self._labels(y, feats)
         stacked = [g.stack(feats) for g in self.groups]
         if not _all_finite(stacked):  # one sum per group here; the per-layer screen only when it fails
@@ -189,12 +199,15 @@ class OnlineProbes(nn.Module):
             raise RuntimeError("the probes have not learned yet: call step(y) after a forward of the model first")
         sums: dict[str, torch.Tensor] = {}
         labels = []
-        device = model_device(self.taps.model)
         with frozen(self.taps.model):
             self.taps.stop_early = True
             try:
-                for x, y in iter_batches(data, batch_size):
-                    feats = reduce_features(self.taps.run(to_device(x, device)), self.reductions)
+                for batch in Split.of(data, self.inputs, split).batches(batch_size):
+                    if batch.token_level:
+                        raise ValueError("online probes take one label per sample; for per-token labels probe "
+                                         "checkpoints with linprobe.probe")
+                    feats = self.taps.run(prepared(batch, self.taps.model))
+                    y = batch.labels
                     if not _all_finite(feats.values()):
                         feats = self._screen(feats, f"the {split} data, batch {len(labels)}")
                     y = self._labels(y, feats)

@@ -65,15 +65,19 @@ class Flatten(Reduction):
 
 @dataclass(frozen=True)
 class Pool(Reduction):
-    """Average pooling per channel of a (C, H, W) or (C, L) map to ``size`` (1: one number per channel)."""
+    """Average pooling per channel of a (C, H, W) or (C, L) map to ``size`` (1: one number per channel); with
+    ``tokens`` a (T, D) sequence is pooled along its tokens instead, each of the D features kept."""
 
     size: tuple[int, ...] = (1,)
+    tokens: bool = False
 
     kind: ClassVar[str] = "pool"
 
     def apply(self, h: torch.Tensor) -> torch.Tensor:
         if h.dim() == 4:
             return _pool2d(h, _pair(self.size))
+        if h.dim() == 3 and self.tokens:
+            return F.adaptive_avg_pool1d(h.transpose(1, 2), self.size[0]).transpose(1, 2)
         if h.dim() == 3:
             return F.adaptive_avg_pool1d(h, self.size[0])
         raise ValueError(f"pooling needs a (C, H, W) or (C, L) output, got per-sample shape {tuple(h.shape[1:])}; "
@@ -82,10 +86,19 @@ class Pool(Reduction):
     def out_features(self, shape: Sequence[int]) -> int:
         if len(shape) not in (2, 3):
             raise ValueError(f"pooling needs a (C, H, W) or (C, L) output, got per-sample shape {tuple(shape)}")
+        if self.tokens and len(shape) == 2:
+            return shape[1] * self.size[0]
         return shape[0] * math.prod(_pair(self.size) if len(shape) == 3 else self.size[:1])
 
     def describe(self) -> str:
-        return "pool " + "x".join(map(str, self.size))
+        return ("pool tokens " if self.tokens else "pool ") + "x".join(map(str, self.size))
+
+    def to_dict(self) -> dict[str, Any]:
+        """As ``Reduction.to_dict``; ``tokens`` only when set, so maps saved before it existed read the same."""
+        d = super().to_dict()
+        if not self.tokens:
+            del d["tokens"]
+        return d
 
 
 def _pool2d(h: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -184,14 +197,21 @@ def layer_seed(seed: int, layer: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(layer.encode())) % 2**31
 
 
-def auto_reduction(shape: Sequence[int], *, budget: int = DEFAULT_FEATURE_BUDGET, seed: int = 0) -> Reduction:
+def auto_reduction(shape: Sequence[int], *, budget: int = DEFAULT_FEATURE_BUDGET, seed: int = 0,
+                   layout: str = "channels_first") -> Reduction:
     """The default policy: keep layers within ``budget`` features whole; pool feature maps by the
-    smallest integer factor that fits (per-channel averages at most); otherwise a random subset."""
+    smallest integer factor that fits (per-channel averages at most); otherwise a random subset. A
+    (T, D) output laid out as tokens x features is pooled along its tokens, never across its features."""
     if budget < 1:
         raise ValueError(f"feature budget must be a positive number of features, got {budget}")
     n = math.prod(shape)
     if n <= budget:
         return Flatten()
+    if len(shape) == 2 and layout == "tokens":
+        tokens, width = shape
+        if width > budget:
+            return Subset.random(n, budget, seed)
+        return Pool((next(k for k in range(1, tokens + 1) if k * width > budget) - 1,), tokens=True)
     if len(shape) in (2, 3) and shape[0] <= budget:
         spatial = shape[1:]
         for factor in range(2, max(spatial) + 1):
@@ -202,7 +222,7 @@ def auto_reduction(shape: Sequence[int], *, budget: int = DEFAULT_FEATURE_BUDGET
 
 
 def parse_reduction(spec: str | Reduction, shape: Sequence[int], *, budget: int = DEFAULT_FEATURE_BUDGET,
-                    seed: int = 0) -> Reduction:
+                    seed: int = 0, layout: str = "channels_first") -> Reduction:
     """A reduction from ``"auto"``, ``"none"``, ``"pool"``, ``"pool:K"``, ``"subset:K"``, ``"project:K"`` or an instance."""
     if isinstance(spec, Reduction):
         return spec
@@ -210,10 +230,12 @@ def parse_reduction(spec: str | Reduction, shape: Sequence[int], *, budget: int 
     n = math.prod(shape)
     k = int(arg) if arg.isdigit() and int(arg) > 0 else None
     if kind == "auto" and not arg:
-        return auto_reduction(shape, budget=budget, seed=seed)
+        return auto_reduction(shape, budget=budget, seed=seed, layout=layout)
     if kind == "none" and not arg:
         return Flatten()
     if kind == "pool" and (k or not arg):
+        if len(shape) == 2 and layout == "tokens":
+            return Pool((k or 1,), tokens=True)
         return Pool((k,) * max(len(shape) - 1, 1) if k else (1,))
     if kind == "subset" and k:
         return Subset.random(n, k, seed)
@@ -227,8 +249,9 @@ ReduceSpec = str | Reduction | Mapping[str, str | Reduction]
 
 
 def resolve_reductions(spec: ReduceSpec, shapes: Mapping[str, Sequence[int]], *, budget: int = DEFAULT_FEATURE_BUDGET,
-                       seed: int = 0) -> dict[str, Reduction]:
-    """One reduction per layer from a global spec or a per-layer mapping (unlisted layers: ``"auto"``)."""
+                       seed: int = 0, layouts: Mapping[str, str] | None = None) -> dict[str, Reduction]:
+    """One reduction per layer from a global spec or a per-layer mapping (unlisted layers: ``"auto"``);
+    ``layouts`` says which (T, D) outputs are tokens x features rather than channels x length."""
     if isinstance(spec, Mapping):
         unknown = set(spec) - set(shapes)
         if unknown:
@@ -236,7 +259,8 @@ def resolve_reductions(spec: ReduceSpec, shapes: Mapping[str, Sequence[int]], *,
     per_layer = spec if isinstance(spec, Mapping) else dict.fromkeys(shapes, spec)
     out = {}
     for name, shape in shapes.items():
-        r = parse_reduction(per_layer.get(name, "auto"), shape, budget=budget, seed=layer_seed(seed, name))
+        r = parse_reduction(per_layer.get(name, "auto"), shape, budget=budget, seed=layer_seed(seed, name),
+                            layout=(layouts or {}).get(name, "channels_first"))
         r.out_features(shape)  # validates the reduction against the layer's shape now, not mid-extraction
         out[name] = r
     return out

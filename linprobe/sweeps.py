@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from linprobe import distributed
 from linprobe.atomic import atomic_write_text
-from linprobe.data import as_dataset, fingerprint
+from linprobe.inputs import Split, as_splits
 from linprobe.finished import probe
 from linprobe.probes import ProbeBank
 from linprobe.results import ProbeResult
@@ -257,7 +257,7 @@ def sweep(model: ModelSource, checkpoints: str | Path | Sequence[tuple[int, str 
     name, load = _model_loader(model, device)
     distributed.init_from_env()  # under torchrun: know the ranks before deciding who writes
     out = Path(out)
-    splits = {"train": train, "valid": valid, **({"test": test} if test is not None else {})}
+    splits = as_splits({"train": train, "valid": valid, "test": test}, options.get("inputs"))
     _claim(out, _settings(name, splits, {"layers": layers, **options}))
     done = {step for step, path in found if _is_done(out, step, path)}
     distributed.barrier()  # every rank has decided what is done before rank 0 records anything
@@ -307,7 +307,7 @@ def collect(out: str | Path, steps: Sequence[int]) -> ProbeResult:
     return ProbeResult.concat([ProbeResult.load(f) for f in folders])
 
 
-def _settings(model: str, splits: Mapping[str, Any], options: Mapping[str, Any]) -> dict[str, Any]:
+def _settings(model: str, splits: Mapping[str, Split], options: Mapping[str, Any]) -> dict[str, Any]:
     """Everything that changes a sweep's numbers, JSON-ready: model, data digests and every ``probe`` option
     (defaults filled in, so leaving an option out and passing its default are the same sweep)."""
     params = {k: p for k, p in inspect.signature(probe).parameters.items() if p.kind is p.KEYWORD_ONLY}
@@ -316,7 +316,7 @@ def _settings(model: str, splits: Mapping[str, Any], options: Mapping[str, Any])
         raise TypeError(f"sweep() got option(s) {unknown} it cannot pass on; it takes probe()'s options except "
                         f"{sorted(_SWEEP_SET)}: {sorted(set(params) - _SWEEP_SET)}")
     chosen = {k: options.get(k, p.default) for k, p in params.items() if k not in _SWEEP_SET | _NOT_SETTINGS}
-    settings = {"model": model, "data": {k: fingerprint(as_dataset(v)) for k, v in splits.items()}, **chosen}
+    settings = {"model": model, "data": {k: v.fingerprint() for k, v in splits.items()}, **chosen}
     return json.loads(json.dumps(settings, default=lambda v: getattr(v, "__qualname__", str(v))))
 
 

@@ -1,4 +1,5 @@
-"""Tests for linprobe.data: loaders on real and synthetic data, stratified splits, batching and fingerprints."""
+"""Tests for linprobe.data and the Split boundary of linprobe.inputs: loaders on real and synthetic data, stratified
+splits, batching and fingerprints."""
 from __future__ import annotations
 
 import gzip
@@ -15,10 +16,6 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 from linprobe import data
 from linprobe.data import (
     ArrayDataset,
-    as_dataset,
-    dataset_length,
-    fingerprint,
-    iter_batches,
     load_dataset,
     load_digits,
     load_fashion_mnist,
@@ -27,6 +24,7 @@ from linprobe.data import (
     standard_splits,
     stratified_split,
 )
+from linprobe.inputs import Batch, InputSpec, Split
 
 IDX_CODES = {np.dtype(np.uint8): 0x08, np.dtype(">i4"): 0x0C}
 
@@ -82,13 +80,42 @@ class ItemDataset(Dataset):
 
 def test_array_dataset_converts_and_indexes() -> None:
     ds = ArrayDataset(np.arange(12, dtype=np.uint8).reshape(4, 3), np.array([0, 2, 1, 2], dtype=np.int32))
-    assert ds.x.dtype == torch.float32 and ds.y.dtype == torch.int64
+    assert ds.x.dtype == torch.uint8 and ds.y.dtype == torch.int64  # x keeps its dtype (token ids stay integers)
     assert len(ds) == 4 and ds.num_classes == 3
     x, y = ds[1]
-    assert x.tolist() == [3.0, 4.0, 5.0] and y.item() == 2
+    assert x.tolist() == [3, 4, 5] and y.item() == 2
     sub = ds.subset(np.array([3, 0]))
-    assert sub.x[:, 0].tolist() == [9.0, 0.0] and sub.y.tolist() == [2, 0]
+    assert sub.x[:, 0].tolist() == [9, 0] and sub.y.tolist() == [2, 0] and sub.x.dtype == torch.uint8
     assert ds.subset(torch.tensor([True, False, False, True])).y.tolist() == [0, 2]
+
+
+def test_array_dataset_keeps_float_dtypes_and_input_trees() -> None:
+    assert ArrayDataset(np.zeros((2, 3)), [0, 1]).x.dtype == torch.float64
+    assert ArrayDataset(torch.zeros(2, 3, dtype=torch.float16), [0, 1]).x.dtype == torch.float16
+    tree = ArrayDataset({"ids": np.arange(6).reshape(3, 2), "extra": (np.ones((3, 1)), np.zeros((3, 4)))}, [0, 1, 0])
+    assert tree.x["ids"].dtype == torch.int64 and isinstance(tree.x["extra"], tuple)
+    x, y = tree[2]
+    assert x["ids"].tolist() == [4, 5] and x["extra"][1].shape == (4,) and y.item() == 0
+    sub = tree.subset(np.array([1]))
+    assert sub.x["ids"].tolist() == [[2, 3]] and sub.x["extra"][0].shape == (1, 1)
+    with pytest.raises(ValueError, match="different numbers of rows"):
+        ArrayDataset({"a": np.zeros((3, 1)), "b": np.zeros((2, 1))}, [0, 1, 0])
+
+
+def test_array_dataset_slices() -> None:
+    ds = ArrayDataset({"ids": torch.arange(10)[:, None]}, torch.arange(10) % 3)
+    got = list(ds.slices(4))
+    assert [len(y) for _, y in got] == [4, 4, 2]
+    assert torch.equal(torch.cat([x["ids"] for x, _ in got]), ds.x["ids"])
+    assert torch.equal(torch.cat([y for _, y in got]), ds.y)
+
+
+def test_array_dataset_per_token_labels() -> None:
+    y = np.array([[0, 2, -100], [1, -100, -100]])
+    ds = ArrayDataset(np.zeros((2, 3), dtype=np.int64), y)
+    assert ds.y.dtype == torch.int64 and ds.y.tolist() == y.tolist()
+    with pytest.raises(ValueError, match=">= 0"):
+        ArrayDataset(np.zeros((2, 3)), np.array([[0, -1, 1], [1, 1, 0]]))  # only -100 means "no label"
 
 
 def test_array_dataset_length_mismatch() -> None:
@@ -98,7 +125,9 @@ def test_array_dataset_length_mismatch() -> None:
 
 def test_array_dataset_rejects_bad_labels() -> None:
     with pytest.raises(ValueError, match="y must be 1-D"):
-        ArrayDataset(np.zeros((3, 2)), np.zeros((3, 1)))
+        ArrayDataset(np.zeros((3, 2)), np.zeros((3, 1, 1)))
+    with pytest.raises(ValueError, match=r"labels of shape \(3, 1\): pass y\[:, 0\]"):
+        ArrayDataset(np.zeros((3, 2)), np.zeros((3, 1)))  # a column of labels is refused, not read as one token
     with pytest.raises(ValueError, match=">= 0"):
         ArrayDataset(np.zeros((2, 2)), np.array([0, -1]))
 
@@ -261,72 +290,147 @@ def test_standard_splits_keeps_shipped_test(tmp_path: Path) -> None:
         standard_splits("digits", valid_fraction=0.5, test_fraction=0.5)
 
 
-# batching and fingerprints
+# Split: normalising, batching, lengths and fingerprints
 
-def test_as_dataset() -> None:
+def test_split_of_normalises_every_kind_of_split() -> None:
     ds = labelled([2, 2])
-    assert as_dataset(ds) is ds
-    pair = as_dataset((np.zeros((3, 2)), [0, 1, 1]))
-    assert isinstance(pair, ArrayDataset) and pair.y.tolist() == [0, 1, 1]
-    with pytest.raises(TypeError, match="pass an ArrayDataset, a torch Dataset or DataLoader"):
-        as_dataset(np.zeros(3))
+    assert Split.of(ds).source is ds
+    split = Split.of(ds)
+    assert Split.of(split) is split
+    pair = Split.of((np.zeros((3, 2)), [0, 1, 1]))
+    assert isinstance(pair.source, ArrayDataset) and pair.source.y.tolist() == [0, 1, 1]
+    loader = DataLoader(ds, batch_size=2)
+    assert Split.of(loader).source is loader
+    with pytest.raises(TypeError, match=r"cannot use ndarray as the valid split; pass an \(x, y\) pair"):
+        Split.of(np.zeros(3), name="valid")
 
 
-def test_iter_batches_slices_array_dataset(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_split_batches_slice_array_dataset(monkeypatch: pytest.MonkeyPatch) -> None:
     ds = ArrayDataset(torch.randn(10, 3), torch.arange(10) % 4)
     monkeypatch.setattr(ArrayDataset, "__getitem__", lambda self, i: pytest.fail("per-sample __getitem__ was called"))
-    batches = list(iter_batches(ds, 4))
-    assert [len(y) for _, y in batches] == [4, 4, 2]
-    assert torch.equal(torch.cat([x for x, _ in batches]), ds.x)
-    assert torch.equal(torch.cat([y for _, y in batches]), ds.y)
+    batches = list(Split.of(ds).batches(4))
+    assert all(isinstance(b, Batch) and b.mask is None for b in batches)
+    assert [b.size for b in batches] == [4, 4, 2]
+    assert torch.equal(torch.cat([b.inputs for b in batches]), ds.x)
+    assert torch.equal(torch.cat([b.labels for b in batches]), ds.y)
 
 
-def test_iter_batches_same_over_tensor_dataset_loader_and_generic_dataset() -> None:
+def test_split_batches_same_over_tensor_dataset_loader_and_generic_dataset() -> None:
     x, y = torch.randn(11, 2, 2), torch.arange(11, dtype=torch.int32) % 3
-    expected = list(iter_batches(TensorDataset(x, y), 5))
-    assert all(b.dtype == torch.int64 for _, b in expected)
+    expected = list(Split.of(TensorDataset(x, y)).batches(5))
+    assert all(b.labels.dtype == torch.int64 for b in expected)
     for source in (DataLoader(TensorDataset(x, y), batch_size=5), ItemDataset(x, y), (x, y)):
-        got = list(iter_batches(source, 5))
+        got = list(Split.of(source).batches(5))
         assert len(got) == len(expected) == 3
-        for (gx, gy), (ex, ey) in zip(got, expected):
-            assert torch.equal(gx, ex) and torch.equal(gy, ey) and gy.dtype == torch.int64
+        for g, e in zip(got, expected):
+            assert torch.equal(g.inputs, e.inputs) and torch.equal(g.labels, e.labels)
+            assert g.labels.dtype == torch.int64
 
 
-def test_iter_batches_rejects_bad_batch_size() -> None:
+def test_split_batches_of_mapping_batches() -> None:
+    ids, mask = torch.arange(12).view(4, 3), torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0], [1, 1, 1]])
+    rows = [{"input_ids": ids[i], "attention_mask": mask[i], "labels": i % 2} for i in range(4)]
+    (batch,) = Split.of(DataLoader(rows, batch_size=4)).batches(99)  # the loader's own batching
+    assert set(batch.inputs) == {"input_ids", "attention_mask"} and batch.labels.tolist() == [0, 1, 0, 1]
+    assert torch.equal(batch.mask, mask.bool())
+    renamed = [{"x": ids[i], "target": i % 2} for i in range(4)]
+    (batch,) = Split.of(DataLoader(renamed, batch_size=4), InputSpec(labels_key="target")).batches(4)
+    assert list(batch.inputs) == ["x"] and batch.mask is None and batch.labels.tolist() == [0, 1, 0, 1]
+    with pytest.raises(TypeError, match="no 'labels'"):
+        next(iter(Split.of(DataLoader(renamed, batch_size=4)).batches(4)))
+
+
+def test_split_batches_reject_bad_batch_size() -> None:
     with pytest.raises(ValueError, match="batch_size=0 must be at least 1"):
-        iter_batches(labelled([1, 1]), 0)
+        Split.of(labelled([1, 1])).batches(0)
 
 
-def test_dataset_length() -> None:
+def test_split_length() -> None:
     ds = labelled([3, 4])
-    assert dataset_length(ds) == 7 and dataset_length(DataLoader(ds, batch_size=2)) == 7
+    assert len(Split.of(ds)) == 7 and len(Split.of(DataLoader(ds, batch_size=2))) == 7
 
     class Stream(IterableDataset):
         def __iter__(self):
             return iter([])
 
     with pytest.raises(TypeError, match="Stream.*no __len__"):
-        dataset_length(Stream())
+        len(Split.of(Stream()))
+
+
+def test_split_batch_size_and_rows() -> None:
+    ds = labelled([3, 4])
+    assert Split.of(ds).batch_size(64) == 64 and Split.of(DataLoader(ds, batch_size=2)).batch_size(64) == 2
+    assert Split.of(ds).rows(3) == 7
+    tokens = ArrayDataset(np.zeros((3, 4), dtype=np.int64), np.array([[0, 1, -100, -100], [1] * 4, [-100] * 4]))
+    assert len(Split.of(tokens)) == 3 and Split.of(tokens).rows(2) == 6  # labelled tokens, not sequences
 
 
 def test_fingerprint_tracks_content() -> None:
     x, y = torch.randn(20, 3), torch.arange(20) % 5
-    fp = fingerprint(ArrayDataset(x, y))
+    fp = Split.of(ArrayDataset(x, y)).fingerprint()
     assert len(fp) == 16 and int(fp, 16) >= 0
-    assert fingerprint(ArrayDataset(x.clone(), y.clone())) == fp
-    assert fingerprint(TensorDataset(x, y)) == fp
-    assert fingerprint(DataLoader(ArrayDataset(x, y), batch_size=7, shuffle=True)) == fp
+    assert Split.of(ArrayDataset(x.clone(), y.clone())).fingerprint() == fp
+    assert Split.of((x, y)).fingerprint() == fp
     changed = y.clone()
     changed[13] = 0
-    assert fingerprint(ArrayDataset(x, changed)) != fp
-    assert fingerprint(ArrayDataset(x.reshape(20, 3, 1), y)) != fp
+    assert Split.of(ArrayDataset(x, changed)).fingerprint() != fp
+    assert Split.of(ArrayDataset(x.reshape(20, 3, 1), y)).fingerprint() != fp
+    assert Split.of(ArrayDataset(x.double(), y)).fingerprint() != fp  # x keeps its dtype, so the dtype counts
+
+
+def test_fingerprint_of_in_memory_data_is_the_same_whatever_its_wrapper() -> None:
+    x, y = torch.randn(20, 3), torch.arange(20) % 5
+    fp = Split.of(ArrayDataset(x, y)).fingerprint()
+    assert Split.of(TensorDataset(x, y)).fingerprint() == fp
+    assert Split.of(DataLoader(ArrayDataset(x, y), batch_size=7, shuffle=True)).fingerprint() == fp
+
+
+def test_fingerprint_of_tensor_dataset_and_loader_hash_every_sample() -> None:
+    x, y = torch.randn(100, 3), torch.arange(100) % 5
+    late = y.clone()
+    late[90] = 4
+    assert Split.of(TensorDataset(x, late)).fingerprint() != Split.of(TensorDataset(x, y)).fingerprint()
+    assert (Split.of(DataLoader(ArrayDataset(x, late), batch_size=8)).fingerprint()
+            != Split.of(DataLoader(ArrayDataset(x, y), batch_size=8)).fingerprint())
 
 
 def test_fingerprint_of_generic_dataset_uses_first_samples() -> None:
     x, y = torch.randn(100, 3), torch.arange(100) % 5
-    fp = fingerprint(ItemDataset(x, y))
-    assert fingerprint(ItemDataset(x.clone(), y.clone())) == fp
+    fp = Split.of(ItemDataset(x, y)).fingerprint()
+    assert Split.of(ItemDataset(x.clone(), y.clone())).fingerprint() == fp
+    assert Split.of(DataLoader(ItemDataset(x, y), batch_size=7, shuffle=True)).fingerprint() == fp  # by its dataset
     early, late = y.clone(), y.clone()
     early[3], late[90] = 4, 4
-    assert fingerprint(ItemDataset(x, early)) != fp
-    assert fingerprint(ItemDataset(x, late)) == fp  # the documented limitation: only the first 64 samples are hashed
+    assert Split.of(ItemDataset(x, early)).fingerprint() != fp
+    assert Split.of(ItemDataset(x, late)).fingerprint() == fp  # the documented limitation: only the first 64 are hashed
+
+
+def test_split_shard() -> None:
+    x, y = torch.arange(10.0)[:, None], torch.arange(10) % 2
+    for source in ((x, y), TensorDataset(x, y), ItemDataset(x, y)):
+        shard = Split.of(source).shard(range(3, 8))
+        assert len(shard) == 5
+        assert torch.cat([b.inputs for b in shard.batches(2)])[:, 0].tolist() == [3, 4, 5, 6, 7]
+    loader = DataLoader(TensorDataset(x, y), batch_size=3)
+    shard = Split.of(loader).shard(range(2, 9))
+    assert shard.batch_size(64) == 3 and [b.size for b in shard.batches(64)] == [3, 3, 1]
+    assert torch.cat([b.labels for b in shard.batches(64)]).tolist() == (y[2:9]).tolist()
+
+
+
+def test_split_shard_of_no_rows_is_empty() -> None:
+    x, y = torch.arange(10.0)[:, None], torch.arange(10) % 2
+    assert len(Split.of(TensorDataset(x, y)).shard(range(5, 5))) == 0
+    assert len(Split.of((x, y)).shard(range(5, 5))) == 0
+
+
+def test_batch_calls_the_model_as_its_inputs_say() -> None:
+    seen = []
+
+    def model(*args: torch.Tensor, **kwargs: torch.Tensor) -> None:
+        seen.append((len(args), sorted(kwargs)))
+
+    y = torch.tensor([0, 1])
+    for inputs in (torch.zeros(2, 3), (torch.zeros(2, 3), torch.ones(2)), {"a": torch.zeros(2), "b": torch.ones(2)}):
+        Batch(inputs, y).call(model)
+    assert seen == [(1, []), (2, []), (0, ["a", "b"])]

@@ -15,12 +15,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 import linprobe as lp
 from linprobe import distributed
 from linprobe.cache import FeatureCache
 from linprobe.cli import main
-from linprobe.data import iter_batches
+from linprobe.inputs import Split
 from linprobe.solvers import fit_logistic
 
 from conftest import one_thread
@@ -80,12 +81,12 @@ def _online(s: dict[str, lp.ArrayDataset]) -> tuple[dict[str, torch.Tensor], str
     opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
     rows = distributed.shard_range(len(s["train"]), distributed.rank(), distributed.world_size())
     with lp.OnlineProbes(model, ["1", "4", "6"], num_classes=10, lr=1e-2) as probes:
-        for x, y in iter_batches(distributed.shard_data(s["train"], rows), 30):
-            loss = F.cross_entropy(ddp(x), y)
+        for batch in Split.of(s["train"]).shard(rows).batches(30):
+            loss = F.cross_entropy(ddp(batch.inputs), batch.labels)
             opt.zero_grad()
             loss.backward()
             opt.step()
-            probes.step(y)
+            probes.step(batch.labels)
         return probes.state_dict(), probes.evaluate(s["valid"]).to_csv()
 
 
@@ -123,6 +124,21 @@ def test_shard_ranges_cover_every_row_once(world: int) -> None:
             assert [i for share in shares for i in share] == list(range(n))
             assert all(share.start % block == 0 for share in shares if len(share))
             assert len(shares[0]) or n == 0  # rank 0 always has rows, so it can choose the reductions
+
+
+def test_shards_of_a_split_cover_it_in_order_and_keep_a_loaders_batching() -> None:
+    x, y = torch.arange(11.0)[:, None], torch.arange(11) % 3
+    for data in ((x, y), DataLoader(TensorDataset(x, y), batch_size=4)):
+        split = Split.of(data)
+        size = split.batch_size(4)
+        shards = [split.shard(distributed.shard_range(len(split), r, 3, size)) for r in range(3)]
+        assert [len(b) for b in shards] == [4, 4, 3] and [b.batch_size(4) for b in shards] == [4] * 3
+        got = [b for shard in shards for b in shard.batches(size)]
+        assert torch.cat([b.inputs for b in got])[:, 0].tolist() == list(range(11))
+        assert torch.equal(torch.cat([b.labels for b in got]), y)
+    with pytest.raises(ValueError, match="batch_sampler cannot be split"):
+        loader = DataLoader(TensorDataset(x, y), batch_sampler=[[0, 1], [2]])
+        Split.of(loader).shard(range(0, 2))
 
 
 def test_two_rank_cache_equals_one_rank_cache_bit_for_bit(runs: dict) -> None:

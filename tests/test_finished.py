@@ -74,7 +74,8 @@ def test_cache_is_reused_and_model_untouched(tmp_path, small_net, digits_splits)
     first = lp.probe(small_net, *digits_splits[:2], layers=["conv", "layer2"], cache_dir=tmp_path, progress=False,
                      batch_size=512)
     n_calls = len(calls)
-    assert n_calls == 3 + 1  # one forward per batch: train (1078 rows) in 3 batches of 512, valid in 1
+    assert n_calls == 1 + 3 + 1  # a discovering forward (4 samples), then one forward per batch: train (1078 rows)
+    # in 3 batches of 512, valid in 1
     second = lp.probe(small_net, *digits_splits[:2], layers=["conv", "layer2"], cache_dir=tmp_path, progress=False)
     assert len(calls) == n_calls  # no forward: read back from the cache
     assert first.to_dict()["rows"] == second.to_dict()["rows"]
@@ -92,7 +93,7 @@ def test_forward_stops_after_deepest_layer(small_net, digits_splits):
     head_calls = []
     small_net.head.register_forward_hook(lambda *a: head_calls.append(1))
     lp.probe(small_net, *digits_splits[:2], layers="conv", progress=False, batch_size=256)
-    assert len(head_calls) == 2  # only the first batch of each split runs the whole model (to check it)
+    assert len(head_calls) == 1  # only the discovering forward (4 samples) runs the whole model
 
 
 def test_test_labels_do_not_influence_selection(monkeypatch, digits_splits):

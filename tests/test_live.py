@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import linprobe as lp
-from linprobe.data import iter_batches
+from linprobe.inputs import Split
 
 
 def _net() -> nn.Module:
@@ -23,13 +23,13 @@ def _train(train, steps: int, probes: bool) -> tuple[nn.Module, lp.OnlineProbes 
     monitor = lp.OnlineProbes(model, "all", num_classes=10) if probes else None
     done = 0
     while done < steps:
-        for x, y in iter_batches(train, 32):
-            loss = F.cross_entropy(model(x), y)
+        for batch in Split.of(train).batches(32):
+            loss = F.cross_entropy(model(batch.inputs), batch.labels)
             opt.zero_grad()
             loss.backward()
             opt.step()
             if monitor is not None:
-                monitor.step(y)
+                monitor.step(batch.labels)
             done += 1
             if done == steps:
                 break
@@ -98,3 +98,29 @@ def test_batched_group_equals_separate_probes():
 def test_evaluate_before_learning_is_an_error(digits_splits):
     with pytest.raises(RuntimeError, match="call step"):
         lp.OnlineProbes(_net(), "1", num_classes=10).evaluate(digits_splits[1])
+
+
+class _Twice(nn.Module):
+    """One linear layer called twice in a forward (a shared module)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(6, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.fc(x)))
+
+
+def test_a_module_called_twice_gets_a_probe_per_call_by_default():
+    model, x, y = _Twice(), torch.randn(8, 6), torch.arange(8) % 3
+    with lp.OnlineProbes(model, "fc", num_classes=3) as probes:
+        model(x)
+        _, logs = probes.step(y)
+        assert probes.taps.order == ["fc#0", "fc#1"]
+        assert set(logs) == {"probe/fc#0/train_top1_error", "probe/fc#1/train_top1_error"}
+        assert list(probes.evaluate((x, y)).errors("valid")) == ["fc#0", "fc#1"]
+    with lp.OnlineProbes(model, "fc", num_classes=3, repeat="error") as probes:
+        model(x)
+        with pytest.raises(lp.LayerSelectionError, match="ran 2 times"):
+            probes.step(y)

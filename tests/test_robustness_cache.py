@@ -118,7 +118,7 @@ def test_a_cache_made_for_something_else_is_never_reused(change: str, tmp_path) 
     train, valid = _data(), _data(seed=1)
     options = {"layers": ["0"], "reduce": "none"}
     lp.probe(model, train, valid, cache_dir=tmp_path, **options, **FAST)
-    assert len(forwards) == 2
+    assert len(forwards) == 3  # a discovering forward (4 samples), then one per split
     if change == "model":
         with torch.no_grad():
             model[0].weight[0, 0] += 1
@@ -131,14 +131,14 @@ def test_a_cache_made_for_something_else_is_never_reused(change: str, tmp_path) 
     lp.probe(model, train, valid, cache_dir=tmp_path, **options, **FAST)
     folders = list((tmp_path / "features").iterdir())
     assert len(folders) == (1 if change == "data" else 2)
-    assert len(forwards) == (3 if change == "data" else 4)  # only the changed split, or everything again
+    assert len(forwards) == (4 if change == "data" else 6)  # only the changed split, or everything again
     if change == "data":
         cached = FeatureCache(folders[0], folders[0].name).features("train", "0")
         np.testing.assert_allclose(cached, model[0](train[0]).detach().numpy(), rtol=1e-6)
 
 
 def test_disk_full_mid_write_removes_the_partial_shard_and_says_so(tmp_path, monkeypatch) -> None:
-    real_write, writes = ShardWriter.write, []
+    real_write, writes = ShardWriter.write_layer, []
 
     def write_then_fail(self: ShardWriter, *args: object) -> None:
         writes.append(1)
@@ -146,7 +146,7 @@ def test_disk_full_mid_write_removes_the_partial_shard_and_says_so(tmp_path, mon
             raise OSError(errno.ENOSPC, "No space left on device")
         real_write(self, *args)
 
-    monkeypatch.setattr(ShardWriter, "write", write_then_fail)
+    monkeypatch.setattr(ShardWriter, "write_layer", write_then_fail)
     with pytest.raises(CacheError, match=f"disk full while writing the train features into {tmp_path}/features/"):
         lp.probe(nn.Identity(), _data(), _data(seed=1), layers="input", cache_dir=tmp_path, batch_size=4, **FAST)
     (folder,) = (tmp_path / "features").iterdir()

@@ -8,7 +8,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import linprobe as lp
 from linprobe.cache import FeatureCache
-from linprobe.extract import to_device
+from linprobe.extract import model_float_dtype, prepared
+from linprobe.inputs import Batch
 
 FAST = {"l2_path": (1.0,), "progress": False}
 
@@ -31,8 +32,26 @@ def test_an_empty_split_is_refused_before_any_forward() -> None:
     calls = _count_forwards(model)
     x, y = _data(8)
     with pytest.raises(ValueError, match="the test split is empty"):
+        lp.probe(model, (x, y), (x, y), TensorDataset(x[:0], y[:0]), layers="0", **FAST)
+    assert calls == []
+
+
+def test_an_empty_pair_split_is_refused_before_any_forward() -> None:
+    model = nn.Sequential(nn.Linear(4, 2))
+    calls = _count_forwards(model)
+    x, y = _data(8)
+    with pytest.raises(ValueError, match="the test split is empty"):
         lp.probe(model, (x, y), (x, y), (x[:0], y[:0]), layers="0", **FAST)
     assert calls == []
+
+
+def test_a_loader_that_yields_no_batch_is_refused() -> None:
+    x, y = _data(8)
+    empty = DataLoader(TensorDataset(x[:3], y[:3]), batch_size=4, drop_last=True)
+    with pytest.raises(ValueError, match="the valid data yielded no batch .a DataLoader with drop_last"):
+        lp.probe(nn.Identity(), (x, y), empty, layers="input", **FAST)
+    with pytest.raises(ValueError, match="yielded no batch.*drop_last"):  # the first split: found by discovery
+        lp.probe(nn.Identity(), empty, (x, y), layers="input", **FAST)
 
 
 def test_a_loader_that_yields_no_batch_is_named() -> None:
@@ -40,21 +59,32 @@ def test_a_loader_that_yields_no_batch_is_named() -> None:
     empty = DataLoader(TensorDataset(x[:3], y[:3]), batch_size=4, drop_last=True)
     with pytest.raises(ValueError, match="the valid data yielded no batch.*drop_last"):
         lp.probe(nn.Identity(), (x, y), empty, layers="input", **FAST)
+    with pytest.raises(ValueError, match="the train data yielded no batch.*drop_last"):
+        lp.probe(nn.Identity(), empty, (x, y), layers="input", **FAST)
 
 
 def test_a_layer_whose_shape_changes_between_splits_is_named() -> None:
     x, y = _data(8)
     wider = (torch.cat([x, x[:, :1]], 1), y)
-    with pytest.raises(ValueError, match=r"layer 'input' gave per-sample shape \(5,\) in batch 0 of the valid split "
-                                         r"but \(4,\) in the first batch"):
+    with pytest.raises(ValueError, match=r"layer 'input' gave 5 features in batch 0 of the valid split but 4 in the "
+                                         r"first batch"):
         lp.probe(nn.Identity(), (x, y), wider, layers="input", **FAST)
 
 
 def test_data_is_moved_to_the_model_device_on_cpu() -> None:
-    batch = {"x": torch.ones(2, dtype=torch.float64), "pair": (torch.zeros(1), [torch.ones(1)]), "n": 3}
-    moved = to_device(batch, torch.device("cpu"))
-    assert moved["n"] == 3 and isinstance(moved["pair"], tuple) and isinstance(moved["pair"][1], list)
-    assert all(t.device.type == "cpu" for t in (moved["x"], moved["pair"][0], moved["pair"][1][0]))
+    inputs = {"x": torch.ones(2, dtype=torch.float64), "pair": (torch.zeros(1), [torch.ones(1)]), "n": 3,
+              "ids": torch.arange(2)}
+    model = nn.Linear(2, 2)
+    assert model_float_dtype(model) == torch.float32 and model_float_dtype(nn.ReLU()) is None
+    moved = prepared(Batch(inputs, torch.tensor([0, 1]), torch.ones(2, 1, dtype=torch.bool)), model)
+    x = moved.inputs
+    assert x["n"] == 3 and isinstance(x["pair"], tuple) and isinstance(x["pair"][1], list)
+    assert all(t.device.type == "cpu" for t in (x["x"], x["pair"][0], x["pair"][1][0], x["ids"], moved.mask))
+    assert x["x"].dtype == torch.float32 and x["ids"].dtype == torch.int64  # floats in the model's dtype, ids kept
+    assert moved.labels.tolist() == [0, 1] and moved.mask.tolist() == [[True], [True]]
+    half = prepared(Batch(torch.ones(2, 2), torch.tensor([0, 1])), model.to(torch.float64))
+    assert half.inputs.dtype == torch.float64
+    assert prepared(Batch(torch.ones(2, 2), torch.tensor([0, 1])), nn.ReLU()).inputs.dtype == torch.float32
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -8,7 +8,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import linprobe as lp
-from linprobe.data import ArrayDataset, as_labels, iter_batches
+from linprobe.data import ArrayDataset, as_labels
+from linprobe.inputs import Split
 from linprobe.metrics import balanced_error
 
 
@@ -19,12 +20,26 @@ def _data(y: torch.Tensor, *, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor
     return x, y
 
 
+def _short_labels(x: torch.Tensor, y: torch.Tensor, short_batches: set[int]) -> DataLoader:
+    """Batches of four whose labels lose their last entry in the batches numbered ``short_batches`` (told from the
+    samples' positions, so every pass over the loader gives the same batches)."""
+    def collate(b: list) -> tuple[torch.Tensor, torch.Tensor]:
+        labels = torch.stack([s[1] for s in b])
+        return torch.stack([s[0] for s in b]), labels[:-1] if int(b[0][2]) // 4 in short_batches else labels
+
+    return DataLoader(TensorDataset(x, y, torch.arange(len(y))), batch_size=4, collate_fn=collate)
+
+
 def test_labels_of_another_length_than_the_batch_are_refused() -> None:
     x, y = _data(torch.arange(8) % 2)
-    short = DataLoader(TensorDataset(x, y), batch_size=4,
-                       collate_fn=lambda b: (torch.stack([s[0] for s in b]), torch.stack([s[1] for s in b])[:-1]))
-    with pytest.raises(ValueError, match="gave 4 rows for the 3 labels of batch 0 of the train split"):
-        lp.probe(nn.Identity(), short, (x, y), layers="input", progress=False)
+    with pytest.raises(ValueError, match="a batch has inputs of \\[4\\] rows but 3 labels"):
+        lp.probe(nn.Identity(), _short_labels(x, y, {1}), (x, y), layers="input", progress=False)
+
+
+def test_labels_of_another_length_than_the_first_batch_are_refused() -> None:
+    x, y = _data(torch.arange(8) % 2)
+    with pytest.raises(ValueError, match="one label per sample"):
+        lp.probe(nn.Identity(), _short_labels(x, y, {0, 1}), (x, y), layers="input", progress=False)
 
 
 def test_whole_float_labels_are_accepted_fractional_ones_refused() -> None:
@@ -33,21 +48,28 @@ def test_whole_float_labels_are_accepted_fractional_ones_refused() -> None:
         ArrayDataset(np.zeros((3, 1)), np.array([0.0, 0.5, 1.0]))
     loader = TensorDataset(torch.zeros(3, 1), torch.tensor([1.0, 2.7, 0.0]))  # sliced, not via ArrayDataset
     with pytest.raises(ValueError, match="got 2.7"):
-        list(iter_batches(loader, 2))
+        list(Split.of(loader).batches(2))
     with pytest.raises(ValueError, match="got nan"):
         as_labels([0.0, float("nan")])
 
 
 def test_negative_labels_are_refused_on_every_path() -> None:
     with pytest.raises(ValueError, match=">= 0, got minimum -1"):
-        list(iter_batches(DataLoader(TensorDataset(torch.zeros(2, 1), torch.tensor([0, -1]))), 2))
+        list(Split.of(DataLoader(TensorDataset(torch.zeros(2, 1), torch.tensor([0, -1])))).batches(2))
+    with pytest.raises(ValueError, match=">= 0, got minimum -1"):
+        list(Split.of(DataLoader([{"x": torch.zeros(1), "labels": -1}])).batches(2))  # a mapping batch
+    tokens = torch.tensor([[0, -100], [-1, 1]])  # -100 is "no label"; any other negative is an error
+    with pytest.raises(ValueError, match=">= 0, got minimum -1"):
+        ArrayDataset(torch.zeros(2, 2, dtype=torch.long), tokens)
 
 
 def test_one_hot_labels_are_an_error_that_says_argmax() -> None:
-    with pytest.raises(ValueError, match=r"shape \(4, 3\); these look one-hot: pass y.argmax\(1\)"):
+    with pytest.raises(ValueError, match=r"shape \(4, 3\) look one-hot: pass y.argmax\(1\)"):
         ArrayDataset(np.zeros((4, 2)), np.eye(3)[[0, 1, 2, 1]])
     with pytest.raises(ValueError, match="one class index per sample"):
-        ArrayDataset(np.zeros((2, 2)), np.ones((2, 2)))  # multi-label rows are not one-hot
+        ArrayDataset(np.zeros((2, 2)), np.ones((2, 2, 2)))
+    # 2-D labels that are not one-hot (multi-label rows included) are now read as one class per token
+    assert ArrayDataset(np.zeros((2, 2)), np.ones((2, 2))).y.tolist() == [[1, 1], [1, 1]]
     with pytest.raises(ValueError, match="encode them first"):
         as_labels(np.array(["cat", "dog"]))
 

@@ -48,7 +48,8 @@ def test_repeat_all_in_probe_gives_calls_times_features() -> None:
 
 
 def test_unknown_repeat_policy_lists_the_choices() -> None:
-    with pytest.raises(ValueError, match="'error', 'first', 'last' or 'all'"):
+    with pytest.raises(ValueError, match="'each', 'error', 'first', 'last' or 'all'"):
         Taps(Unrolled(), "cell", repeat="mean")  # type: ignore[arg-type]
-    with Taps(Unrolled(), "cell") as taps, pytest.raises(lp.LayerSelectionError, match="ran 2 times.*'all'"):
+    with Taps(Unrolled(), "cell", repeat="error") as taps, pytest.raises(lp.LayerSelectionError,
+                                                                         match="ran 3 times.*'all'"):
         taps.run(torch.randn(1, 3))

@@ -23,7 +23,11 @@ def test_resolve_by_name_glob_type_and_all(small_net):
     assert resolve_layers(small_net, "**.relu") == ["layer1.relu", "layer2.relu"]
     assert resolve_layers(small_net, nn.ReLU) == ["act", "layer1.relu", "layer2.relu"]
     all_ = resolve_layers(small_net, "all")
-    assert all_[0] == "input" and "layer1" not in all_ and "layer1.fc" in all_  # leaves only
+    assert all_[0] == "input" and "layer1" in all_ and "layer1.fc" in all_  # every module, until the model runs
+    with Taps(small_net, "all") as taps:
+        taps.run(torch.zeros(3, 1, 8, 8))
+    assert "layer1" not in taps.order and "layer1.relu" in taps.order and "head" in taps.order
+    assert taps.plan.skipped == {"layer1": "the same tensor as layer1.relu", "layer2": "the same tensor as layer2.relu"}
     assert resolve_layers(small_net, ["input", "conv", "conv"]) == ["input", "conv"]
 
 
@@ -53,8 +57,10 @@ def test_stop_early_skips_the_rest_of_the_forward(small_net):
     small_net.head.register_forward_hook(lambda *a: calls.append(1))
     with Taps(small_net, ["layer1"]) as taps:
         taps.stop_early = True
+        taps.run(torch.randn(3, 1, 8, 8))  # the first forward runs whole: it finds what runs, and how often
+        assert calls == [1]
         feats = taps.run(torch.randn(3, 1, 8, 8))
-    assert feats["layer1"].shape == (3, 32) and calls == []
+    assert feats["layer1"].shape == (3, 32) and calls == [1]
 
 
 def test_layer_that_never_runs_is_named():
@@ -71,7 +77,7 @@ def test_layer_that_never_runs_is_named():
             taps.run(torch.randn(2, 4))
 
 
-def test_shared_module_needs_a_policy():
+def test_shared_module_gives_a_probe_per_call_or_follows_the_policy():
     class Shared(nn.Module):
         def __init__(self):
             super().__init__()
@@ -81,7 +87,14 @@ def test_shared_module_needs_a_policy():
             return self.fc(self.fc(x))
 
     model, x = Shared(), torch.randn(2, 3)
-    with Taps(model, "fc") as taps, pytest.raises(LayerSelectionError, match="ran 2 times"):
+    with Taps(model, "fc") as taps:
+        feats = taps.run(x)
+    assert list(feats) == ["fc#0", "fc#1"]
+    torch.testing.assert_close(feats["fc#0"], model.fc(x))
+    torch.testing.assert_close(feats["fc#1"], model(x))
+    with Taps(model, "fc#1") as taps:
+        torch.testing.assert_close(taps.run(x)["fc#1"], model(x))
+    with Taps(model, "fc", repeat="error") as taps, pytest.raises(LayerSelectionError, match="ran 2 times"):
         taps.run(x)
     with Taps(model, "fc", repeat="first") as taps:
         torch.testing.assert_close(taps.run(x)["fc"], model.fc(x))
