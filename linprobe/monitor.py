@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from linprobe.finished import probe
+from linprobe.inputs import Split
 from linprobe.live import OnlineProbes
 from linprobe.probes import ProbeBank
 from linprobe.reduce import DEFAULT_FEATURE_BUDGET, ReduceSpec
@@ -67,7 +68,9 @@ class Monitor:
         if every < 1 or learn_every < 1:
             raise ValueError(f"every={every} and learn_every={learn_every} must be at least 1 (measure, and let the "
                              "online probes learn, every that many optimiser steps)")
-        self.model, self.valid, self.every, self.exact, self.learn_every = model, valid, every, exact, learn_every
+        self.valid = Split.of(valid, name="valid")  # normalised once: every measurement reuses its fingerprint
+        self.exact = None if exact is None else Split.of(exact, name="exact")
+        self.model, self.every, self.learn_every = model, every, learn_every
         self.online = OnlineProbes(model, layers, num_classes=num_classes, lr=lr, reduce=reduce,
                                    feature_budget=feature_budget, seed=seed)
         self._exact_options = dict(reduce=reduce, feature_budget=feature_budget, seed=seed, batch_size=batch_size,

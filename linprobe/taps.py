@@ -345,14 +345,10 @@ class Taps:
             return
         modules = dict(self.model.named_modules())
         self._handles.append(self.model.register_forward_pre_hook(self._on_forward, with_kwargs=True))
-        for key in dict.fromkeys((t.module, t.kind) for t in self.targets):
-            module, kind = key
-            if kind == "input":
-                self._handles.append(modules[module].register_forward_pre_hook(self._input_hook(key), with_kwargs=True)
-                                     if module else self.model.register_forward_pre_hook(self._input_hook(key),
-                                                                                         with_kwargs=True))
-            else:
-                self._handles.append(modules[module].register_forward_hook(self._output_hook(key)))
+        for key in dict.fromkeys(target_key(t) for t in self.targets):
+            module = modules[key[0]] if key[0] else self.model
+            self._handles.append(module.register_forward_pre_hook(self._input_hook(key), with_kwargs=True)
+                                 if key[1] == "input" else module.register_forward_hook(self._output_hook(key)))
 
     def remove(self) -> None:
         """Remove every hook this object added."""
@@ -572,8 +568,9 @@ class Taps:
             return f"integer values ({t.dtype}, e.g. token ids), not features"
         if batch.token_level:
             tokens = batch.labels.shape[1]
-            if t.dim() < 2 or t.shape[1] != tokens or record.layout != "tokens":
-                return f"no token axis of length {tokens} in its output of shape {tuple(t.shape)} (per-token labels)"
+            if t.dim() < 3 or t.shape[1] != tokens or record.layout != "tokens":
+                return (f"no (batch, {tokens} tokens, features) output for the per-token labels: its output has shape "
+                        f"{tuple(t.shape)}")
         elif self.tokens not in (None, "none", "auto") and t.dim() == 3 and batch.mask is not None \
                 and t.shape[1] != batch.mask.shape[1]:
             return f"its sequence axis ({t.shape[1]}) does not match the token mask ({batch.mask.shape[1]})"
@@ -620,7 +617,7 @@ class Taps:
             return h
         if batch.token_level:
             index = batch.token_index
-            return h[index.to(h.device)] if h.dim() >= 2 and h.shape[:2] == index.shape else h
+            return h[index.to(h.device)] if h.dim() >= 3 and h.shape[:2] == index.shape else h
         mask = batch.mask if batch.mask is not None and h.dim() == 3 and h.shape[1] == batch.mask.shape[1] else None
         return reduce_tokens(h, self.tokens, mask)
 

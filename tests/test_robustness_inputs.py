@@ -193,3 +193,10 @@ def test_per_token_data_is_split_by_whole_sequences():
     got = sorted(r for p in parts for r in p.x["input_ids"].tolist())
     assert got == sorted(ids.tolist())
     assert all(torch.equal(p.y, (p.x["input_ids"] % 3).masked_fill(p.x["input_ids"] == 0, -100)) for p in parts)
+
+
+def test_multi_hot_labels_are_not_read_as_tokens_of_a_2d_output():
+    x = torch.randn(8, 2)
+    multi_hot = torch.tensor([[1, 0], [1, 1], [0, 1], [0, 0]] * 2)
+    with pytest.raises(LayerSelectionError, match=r"no \(batch, 2 tokens, features\) output for the per-token labels"):
+        lp.probe(nn.Identity(), (x, multi_hot), (x, multi_hot), layers="input", **KW)

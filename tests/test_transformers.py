@@ -168,6 +168,8 @@ def test_all_runs_with_defaults_and_reports_what_it_skipped(tmp_path, build):
     assert any(why == "never ran in the forward pass" for why in skipped.values())
     assert any(why.startswith("not per-sample") for why in skipped.values())  # position embeddings (1, T, D)
     assert len(result.layers) >= 10 and all(0 <= e <= 1 for e in result.errors("test").values())
+    if build is _gpt2:  # pre-LN: the residual stream is the blocks' own outputs, which no leaf module gives
+        assert {"h.0", "h.1"} <= set(result.errors("test"))
 
 
 class _Encoder(nn.Module):
