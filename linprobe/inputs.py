@@ -180,15 +180,16 @@ class Split:
 
     def rows(self, batch_size: int) -> int:
         """Rows the split gives a probe: its samples, or its labelled tokens for per-token labels (counted from the
-        labels alone for in-memory data, else by one pass over the batches)."""
+        labels for in-memory data, else by one pass over the batches, only when the first batch's labels are per
+        token)."""
         if self._rows is None:
-            labels = self.source.y if isinstance(self.source, ArrayDataset) else None
-            if labels is not None and labels.dim() == 1:
-                self._rows = len(labels)
-            elif labels is not None:
-                self._rows = int((labels != IGNORE).sum())
+            if isinstance(self.source, ArrayDataset):
+                labels = self.source.y
+                self._rows = len(labels) if labels.dim() == 1 else int((labels != IGNORE).sum())
             else:
-                self._rows = sum(len(b.targets) for b in self.batches(batch_size))
+                first = next(iter(self.batches(batch_size)), None)
+                per_token = first is not None and first.token_level
+                self._rows = sum(len(b.targets) for b in self.batches(batch_size)) if per_token else len(self)
         return self._rows
 
     def fingerprint(self) -> str:
