@@ -7,8 +7,9 @@
         loss = F.cross_entropy(model(x), y); opt.zero_grad(); loss.backward(); opt.step()
         probes.step(y)                      # learns from the forward that just ran; no second forward
 
-Probes of equal width are stacked and trained with one batched matmul; each probe is its own
-parameter group of one optimiser. Nothing here touches the model's parameters, gradients, modes,
+Probes of equal width are stacked and trained with one batched matmul: the group's weights are one
+(L, D, C) parameter (``group.weights[i]`` is probe i's view), so a step computes one gradient and the
+optimiser makes one update per width group, not one per probe. Nothing here touches the model's parameters, gradients, modes,
 buffers or the global random generator.
 """
 from __future__ import annotations
@@ -45,12 +46,22 @@ class ProbeGroup(nn.Module):
     def __init__(self, names: list[str], width: int, num_classes: int, momentum: float = 0.1) -> None:
         super().__init__()
         self.names, self.momentum = names, momentum
-        self.weights = nn.ParameterList(nn.Parameter(torch.zeros(width, num_classes)) for _ in names)
-        self.biases = nn.ParameterList(nn.Parameter(torch.zeros(num_classes)) for _ in names)
+        self.weight = nn.Parameter(torch.zeros(len(names), width, num_classes))  # one parameter for the group:
+        self.bias = nn.Parameter(torch.zeros(len(names), num_classes))  # one gradient, one optimiser update
         self.register_buffer("running_mean", torch.zeros(len(names), width))
         self.register_buffer("running_var", torch.ones(len(names), width))
         self.register_buffer("seen", torch.zeros((), dtype=torch.long))
         self._scratch: dict[str, torch.Tensor] = {}  # (L, B, D) work buffers: a fresh one each step costs page faults
+
+    @property
+    def weights(self) -> tuple[torch.Tensor, ...]:
+        """Each probe's (D, C) weights: views into the group's parameter."""
+        return self.weight.unbind(0)
+
+    @property
+    def biases(self) -> tuple[torch.Tensor, ...]:
+        """Each probe's (C,) bias: views into the group's parameter."""
+        return self.bias.unbind(0)
 
     def stack(self, features: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """The group's (L, B, D) features, in a work buffer that the next call overwrites."""
@@ -83,8 +94,7 @@ class ProbeGroup(nn.Module):
         grad = logp.exp_().scatter_add_(-1, target, torch.full_like(target, -1, dtype=z.dtype)).div_(n)
         grad_w = torch.bmm(grad.mT, centred).mul_(scale[:, None]).mT.contiguous()  # (L, D, C)
         grad_b = grad.sum(1)
-        for w, b, gw, gb in zip(self.weights.parameters(), self.biases.parameters(), grad_w, grad_b):
-            w.grad, b.grad = gw, gb
+        self.weight.grad, self.bias.grad = grad_w, grad_b
         return z, loss
 
     def _logits(self, h: torch.Tensor, learn: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -97,9 +107,9 @@ class ProbeGroup(nn.Module):
         else:
             centred, var = h.sub_(self.running_mean[:, None]), self.running_var
         scale = torch.rsqrt(var + 1e-5)
-        w = (torch.stack(list(self.weights.parameters())) * scale[..., None]).mT.contiguous()  # (L, C, D)
+        w = (self.weight * scale[..., None]).mT.contiguous()  # (L, C, D)
         logits = torch.bmm(w, centred.mT).mT.contiguous()  # the fast layout for a few classes, then (L, B, C)
-        return logits.add_(torch.stack(list(self.biases.parameters()))[:, None]), centred, scale
+        return logits.add_(self.bias[:, None]), centred, scale
 
     def _update(self, mean: torch.Tensor, var: torch.Tensor) -> None:
         m = 1.0 if self.seen == 0 else self.momentum
@@ -114,6 +124,8 @@ class OnlineProbes(nn.Module):
     Call ``step(y)`` after each forward of the model (it reads the features that forward left in
     the taps) and ``evaluate(data)`` to measure every probe on held-out data. Probes start at zero
     and use no randomness; reductions that need randomness use their own seeded generators.
+    ``optimizer(groups)`` builds your own optimiser from one parameter group per width group,
+    ``{"params": [weight (L, D, C), bias (L, C)], "names": [layer, ...]}`` (default: Adam with ``lr``).
     """
 
     def __init__(self, model: nn.Module, layers: LayerSpec = "all", *, num_classes: int, lr: float = 1e-3,
@@ -160,7 +172,7 @@ class OnlineProbes(nn.Module):
         self.groups = nn.ModuleList(ProbeGroup(names, width, self.num_classes) for width, names in by_width.items())
         self.groups.to(device)
         self.optimizer = self._make_optimizer(
-            [{"params": [g.weights[i], g.biases[i]], "name": n} for g in self.groups for i, n in enumerate(g.names)])
+            [{"params": [g.weight, g.bias], "names": list(g.names)} for g in self.groups])
 
     def step(self, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         """One optimiser step of every probe on the features of the model's latest forward.
@@ -281,7 +293,7 @@ class GroupedAdam(torch.optim.Adam):
                 loss = closure()
         buckets: dict[tuple[Any, ...], tuple[dict[str, Any], list[list[torch.Tensor]]]] = {}
         for group in self.param_groups:
-            key = tuple((k, v) for k, v in group.items() if k not in ("params", "name"))
+            key = tuple((k, v) for k, v in group.items() if k not in ("params", "names"))
             lists = buckets.setdefault(key, (group, [[] for _ in range(6)]))[1]
             self._init_group(group, *lists)
         for group, lists in buckets.values():

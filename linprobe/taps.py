@@ -319,7 +319,8 @@ class Taps:
         self._pending: Batch | None = None
         self._calls: dict[tuple[str, str], int] = {}
         self._records: list[_Record] = []
-        self._wanted: dict[tuple[str, str, int], Capture] = {}
+        self._wanted: dict[tuple[tuple[str, str], int], Capture] = {}
+        self._wanted_for: Plan | None = None
         self._parts: dict[str, list[torch.Tensor]] = {}
         self._sunk: set[str] = set()
         self.sink: Callable[[str, torch.Tensor], None] | None = None
@@ -415,7 +416,9 @@ class Taps:
         self._records = []
         self._batch, self._pending = self._pending or _call_batch(args, kwargs), None
         if self.plan is not None:
-            self._wanted = {(*c.key, k): c for c in self.plan.captures for k in c.calls}
+            if self._wanted_for is not self.plan:  # built once per plan, not per forward
+                self._wanted = {(c.key, k): c for c in self.plan.captures for k in c.calls}
+                self._wanted_for = self.plan
             self._left = len(self._wanted)
 
     def _input_hook(self, key: tuple[str, str]) -> Callable[..., None]:
@@ -434,30 +437,36 @@ class Taps:
         return hook
 
     def _take(self, key: tuple[str, str], module: nn.Module, output: Any, first_input: Any) -> None:
+        """One hooked call: recorded (first forward), or taken as planned: selected, detached, token-reduced,
+        reduced, then handed to the sink or kept (copied if the model changes it in place later). Tensors are
+        detached first, so no autograd graph is built whatever the caller's grad mode."""
         call = self._calls[key] = self._calls.get(key, -1) + 1
-        with torch.no_grad():
-            if self.plan is None:
-                self._discover(key, call, module, output, first_input)
-                return
-            capture = self._wanted.get((*key, call))
-            if capture is None:
-                return
+        if self.plan is None:
+            self._discover(key, call, module, output, first_input)
+            return
+        capture = self._wanted.get((key, call))
+        if capture is None:
+            return
+        if self.select is None and type(output) is torch.Tensor:  # the common case, without the general lookup
+            tensor = output.detach()
+            tensor = self._dense(tensor) if tensor.is_nested else tensor
+        else:
             tensor = self._selected(capture.name, output)
-            h = self._finish(capture, self._tokens(tensor, capture.layout))
-            self._left -= 1
-            if self.sink is not None and len(capture.calls) == 1:
-                self.sink(capture.name, h)  # consumed now, before anything later can change it
-                self._sunk.add(capture.name)
-            else:
-                if h.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr():
-                    if capture.name in self.plan.mutable or self.sink is not None:
-                        h = h.clone()
-                    else:
-                        self._watch.append((capture.name, h, h._version))
-                if len(capture.calls) > 1:
-                    self._parts.setdefault(capture.name, []).append(h)
+        h = self._finish(capture, self._tokens(tensor, capture.layout))
+        self._left -= 1
+        if self.sink is not None and len(capture.calls) == 1:
+            self.sink(capture.name, h)  # consumed now, before anything later can change it
+            self._sunk.add(capture.name)
+        else:
+            if h is tensor or h._is_view():  # it may share the output's memory (false positives only cost a copy)
+                if capture.name in self.plan.mutable or self.sink is not None:
+                    h = h.clone()
                 else:
-                    self.features[capture.name] = h
+                    self._watch.append((capture.name, h, h._version))
+            if len(capture.calls) > 1:
+                self._parts.setdefault(capture.name, []).append(h)
+            else:
+                self.features[capture.name] = h
         if self.stop_early and self._left == 0:
             raise _StopForward
 
@@ -613,7 +622,7 @@ class Taps:
     def _tokens(self, h: torch.Tensor, layout: str) -> torch.Tensor:
         """Token-level rows (labelled tokens) or a token reduction, for a (B, T, ...) output in tokens layout."""
         batch = self._batch
-        if batch is None or layout != "tokens":
+        if batch is None or layout != "tokens" or h.dim() < 3:
             return h
         if batch.token_level:
             index = batch.token_index

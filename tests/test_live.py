@@ -72,13 +72,14 @@ def test_probe_step_leaves_model_gradients_alone():
     assert set(logs) == {"probe/1/train_top1_error", "probe/5/train_top1_error"}
 
 
-def test_equal_widths_share_one_batched_group_and_each_probe_has_a_param_group():
+def test_equal_widths_share_one_batched_group_and_one_parameter():
     model = nn.Sequential(*[nn.Sequential(nn.Linear(16, 16), nn.Tanh()) for _ in range(6)])
     monitor = lp.OnlineProbes(model, "*", num_classes=3)
     model(torch.randn(8, 16))
     monitor.step(torch.randint(0, 3, (8,)))
     assert len(monitor.groups) == 1 and len(monitor.groups[0].names) == 7  # "*" also matches "input"
-    assert [g["name"] for g in monitor.optimizer.param_groups] == ["input"] + [str(i) for i in range(6)]
+    assert [g["names"] for g in monitor.optimizer.param_groups] == [["input"] + [str(i) for i in range(6)]]
+    assert monitor.groups[0].weight.shape == (7, 16, 3) and monitor.groups[0].weights[2].shape == (16, 3)
 
 
 def test_batched_group_equals_separate_probes():

@@ -111,7 +111,7 @@ def test_learn_every_skips_learning_but_not_measuring() -> None:
     assert [bool(log) for log in logs] == [True, False, True, False, True, False, True]
     assert monitor.result.steps == [0, 3, 6]
     group = monitor.online.groups[0]
-    assert monitor.online.optimizer.state[group.weights[0]]["step"] == 4  # learned at steps 0, 2, 4, 6
+    assert monitor.online.optimizer.state[group.weight]["step"] == 4  # learned at steps 0, 2, 4, 6
 
 
 def test_bad_periods_are_refused() -> None:
