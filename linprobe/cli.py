@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from linprobe import distributed
+from linprobe import __version__, distributed
 from linprobe.cache import CacheError
 from linprobe.data import standard_splits
 from linprobe.finished import probe
@@ -81,6 +81,7 @@ def _add_probe_options(p: argparse.ArgumentParser, out_help: str) -> None:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="linprobe", description="Linear classifier probes on every layer of a PyTorch model.")
     p.add_argument("--traceback", action="store_true", help="on an error, show the full traceback instead of one line")
+    p.add_argument("--version", action="version", version=f"linprobe {__version__} (torch {torch.__version__})")
     sub = p.add_subparsers(dest="command", required=True)
     layers = sub.add_parser("layers", help="list a model's tappable layer names")
     layers.add_argument("--model", required=True, help="model factory, package.module:function")

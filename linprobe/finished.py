@@ -28,6 +28,7 @@ from linprobe.extract import extract_split, model_device
 from linprobe.inputs import InputSpec, Split, as_splits
 from linprobe.metrics import balanced_error, chance_error, classification_metrics
 from linprobe.probes import LinearProbe, ProbeBank
+from linprobe.provenance import provenance
 from linprobe.reduce import DEFAULT_FEATURE_BUDGET, ReduceSpec, Reduction, Standardizer, reduction_from_dict, resolve_reductions
 from linprobe.results import LayerInfo, ProbeResult
 from linprobe.solvers import DEFAULT_L2_PATH
@@ -102,6 +103,8 @@ def probe(model: nn.Module, train: Any, valid: Any, test: Any = None, *, layers:
     model, layers, reductions and data are the same. Results (``results.csv``, ``results.json``,
     ``errors.png``, ``probes/``) go to ``out_dir``, else ``cache_dir``. The model is run in eval
     mode under ``no_grad`` and its modes are restored afterwards (``meta["model_was_training"]``).
+    ``meta["provenance"]`` records what produced the numbers: versions, device, threads, every setting
+    above, the command line, the start and wall time and the git commit of the working directory.
 
     Labels may be any whole numbers >= 0; the classes found in train become probe outputs 0..K-1 in
     ascending order (``meta["classes"]``). A layer with a NaN or Inf in any split gets no probe: it
@@ -121,6 +124,11 @@ def probe(model: nn.Module, train: Any, valid: Any, test: Any = None, *, layers:
     probes equal one process's to the solver's tolerance (at the flat, weakly regularised end of the
     L2 path that can tip the choice of L2). A model wrapped in DistributedDataParallel is unwrapped.
     """
+    started = time.time()
+    settings = {"layers": layers, "reduce": reduce, "feature_budget": feature_budget, "dtype": dtype,
+                "l2_path": l2_path, "batch_size": batch_size, "seed": seed, "select": _selector_key(select),
+                "tokens": tokens, "repeat": repeat, "inputs": inputs, "step": step, "max_iter": max_iter,
+                "patience": patience, "warm_start": warm_start is not None, "distribute": distribute}
     if distribute not in ("rows", "layers"):
         raise ValueError(f"distribute must be 'rows' or 'layers', not {distribute!r}")
     distributed.init_from_env()
@@ -145,7 +153,8 @@ def probe(model: nn.Module, train: Any, valid: Any, test: Any = None, *, layers:
             result.meta["skipped"] = dict(cache.manifest["plan"]["skipped"])
         result.meta.update(cache=str(cache.root), extraction_samples_per_s=stats, model=type(model).__name__,
                            extracted_in_eval_mode=True, model_was_training=was_training,
-                           processes=distributed.world_size(), distribute=distribute)
+                           processes=distributed.world_size(), distribute=distribute,
+                           provenance=provenance(settings, started=started, device=model_device(model)))
         out = out_dir if out_dir is not None else cache_dir
         if out is not None and distributed.rank() == 0:
             _save(result, bank, Path(out), plot and "test" in splits)

@@ -3,7 +3,9 @@ from __future__ import annotations
 import csv
 
 import pytest
+import torch
 
+import linprobe as lp
 from linprobe.cli import main
 
 
@@ -47,3 +49,8 @@ def test_probe_command_takes_max_iter_and_names_unconverged_layers(tmp_path, cap
     with pytest.warns(UserWarning, match="max_iter=2"):
         assert main(argv) == 0
     assert "input: not converged: l2=" in capsys.readouterr().out
+
+
+def test_version(capsys):
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"linprobe {lp.__version__} (torch {torch.__version__})"

@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from linprobe.experiments.report import Summary
 
 EXPERIMENTS: dict[str, str] = {
@@ -37,7 +39,11 @@ def available() -> dict[str, str]:
 
 def reproduce(name: str, out: str | Path, *, quick: bool = False, data: str | None = None, seed: int = 0,
               progress: bool = True, **options: Any) -> Summary:
-    """Run one experiment into ``out`` and return its summary (also written as ``out/summary.md``)."""
+    """Run one experiment into ``out`` and return its summary (also written as ``out/summary.md``).
+
+    The global random generator (dropout, anything that draws without its own generator) is seeded with
+    ``seed`` for the run and the caller's state restored afterwards: the same seed and settings give the same
+    bits whatever the global state."""
     names = available()
     if name not in names:
         raise ValueError(f"unknown experiment {name!r}; available: {', '.join(names)}")
@@ -50,7 +56,9 @@ def reproduce(name: str, out: str | Path, *, quick: bool = False, data: str | No
     if data is not None:
         options["data"] = data
     start = time.perf_counter()
-    summary = run(Path(out), quick=quick, seed=seed, progress=progress, **options)
+    with torch.random.fork_rng(devices=[]):  # the global generator (dropout, init) seeded, the caller's restored
+        torch.manual_seed(seed)
+        summary = run(Path(out), quick=quick, seed=seed, progress=progress, **options)
     summary.seconds = time.perf_counter() - start
     summary.write(Path(out))
     return summary

@@ -118,7 +118,8 @@ def run(out: Path, *, quick: bool = False, data: str = "mnist", seed: int = 0, p
                 f"logits {untrained['logits']:.1%}",
                 f"trained ({steps} steps): input {trained['input']:.1%}, fc1_preact {trained['fc1_preact']:.1%}, "
                 f"fc1_postact {trained['fc1_postact']:.1%}, logits {trained['logits']:.1%}",
-                f"layers improved by training: {len(improved) - 1} of 9 (the input cannot change)",
+                f"layers improved by training: {len([n for n in improved if n != 'input'])} of "
+                f"{len(MNIST_CONVNET_PROBES) - 1} (the input cannot change)",
                 kink_finding(trained, len(test)),
                 f"the model's own test error: {model_error(model, test):.1%}", *monitored]
     agrees = untrained["conv1_postact"] < untrained["input"] and len(improved) >= 7
