@@ -15,6 +15,7 @@ from linprobe import __version__, distributed
 from linprobe.cache import CacheError
 from linprobe.data import standard_splits
 from linprobe.finished import probe
+from linprobe.html_report import write_report
 from linprobe.reduce import DEFAULT_FEATURE_BUDGET
 from linprobe.results import ProbeResult
 from linprobe.sweeps import build_model, find_checkpoints, import_factory, sweep
@@ -101,6 +102,8 @@ def _parser() -> argparse.ArgumentParser:
                          "steps come from file names like step_500.pt, ckpt-500.pth, epoch=3-step=1200.ckpt")
     _add_probe_options(sw, "sweep folder (per-step records, feature caches, table and figures)")
     sw.add_argument("--no-figures", action="store_true", help="skip the heatmap, animation and diagnostics")
+    rep = sub.add_parser("report", help="(re)build RUN_DIR/report.html from the results saved there")
+    rep.add_argument("run_dir", help="a folder written by linprobe probe, sweep or reproduce")
     rp = sub.add_parser("reproduce", help="run one of the paper's experiments (--list shows them)")
     rp.add_argument("name", nargs="?", help="experiment name")
     rp.add_argument("--list", action="store_true", help="list the experiments and exit")
@@ -111,7 +114,7 @@ def _parser() -> argparse.ArgumentParser:
     rp.add_argument("--variant", help="deep-mlp: plain, aux or skip")
     rp.add_argument("--steps", type=_positive, nargs="+", help="deep-mlp / inception: minibatches at which to probe")
     rp.add_argument("--quiet", action="store_true", help="no progress bars")
-    for command in (layers, pr, sw, rp):  # an error shows the usage of its own command
+    for command in (layers, pr, sw, rep, rp):  # an error shows the usage of its own command
         command.set_defaults(print_usage=command.print_usage)
     return p
 
@@ -176,6 +179,9 @@ def _run(args: argparse.Namespace) -> None:
     if args.command == "sweep":
         _sweep(args)
         return
+    if args.command == "report":
+        print(f"wrote {write_report(args.run_dir)}")
+        return
     model = load_model(args.model, getattr(args, "checkpoint", None))
     if args.command == "layers":
         example = torch.zeros(1, *args.input_shape) if args.input_shape else None
@@ -188,7 +194,8 @@ def _run(args: argparse.Namespace) -> None:
     splits = _splits(args)
     result = probe(model.to(args.device), splits["train"], splits["valid"], splits["test"], cache_dir=args.out,
                    **_probe_options(args))
-    _print_result(result, f"{Path(args.out) / 'results.csv'}, results.json, errors.png and probes/")
+    _print_result(result, f"{Path(args.out) / 'report.html'} (open it in a browser), results.csv, results.json, "
+                          "errors.png and probes/")
 
 
 _INPUT_ERRORS = (UsageError, ValueError, TypeError, CacheError, OSError, KeyError)

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from linprobe import distributed
 from linprobe.cache import CacheError, FeatureCache, open_reserved
 from linprobe.extract import extract_split, model_device
+from linprobe.html_report import write_report
 from linprobe.inputs import InputSpec, Split, as_splits
 from linprobe.metrics import balanced_error, chance_error, classification_metrics
 from linprobe.probes import LinearProbe, ProbeBank
@@ -101,7 +102,7 @@ def probe(model: nn.Module, train: Any, valid: Any, test: Any = None, *, layers:
     (and keeps it whole without a mask); ``"mean"``, ``"first"``, ``"last"`` use the mask too. Features are cached under
     ``cache_dir/features/<key>`` (a temporary folder when ``cache_dir`` is None) and reused when the
     model, layers, reductions and data are the same. Results (``results.csv``, ``results.json``,
-    ``errors.png``, ``probes/``) go to ``out_dir``, else ``cache_dir``. The model is run in eval
+    ``errors.png``, ``report.html``, ``probes/``) go to ``out_dir``, else ``cache_dir``. The model is run in eval
     mode under ``no_grad`` and its modes are restored afterwards (``meta["model_was_training"]``).
     ``meta["provenance"]`` records what produced the numbers: versions, device, threads, every setting
     above, the command line, the start and wall time and the git commit of the working directory.
@@ -415,7 +416,10 @@ def _invalid_layers(cache: FeatureCache, splits: tuple[str, ...]) -> dict[str, t
 
 
 def _save(result: ProbeResult, bank: ProbeBank, out: Path, plot: bool) -> None:
+    """The run folder: the tables, the probes, the figure (``plot``) and ``report.html``, which shows them all."""
     result.save(out)
     bank.save(out / "probes")
     if plot and len(bank):  # ProbeResult.errors leaves out the layers found invalid
         result.plot(out / "errors.png")
+    if plot:
+        write_report(out, result)

@@ -110,7 +110,7 @@ class ProbeResult:
         for info in self.layers:
             have = {(r.split, r.metric): r.value for r in self.rows if r.step == step and r.layer == info.name}
             cells = [info.name, "x".join(map(str, info.shape)), f"{info.features_in}->{info.features_out}",
-                     _describe(info.reduction), "-" if info.l2 is None else f"{info.l2:.0e}", f"{info.chance_error:.3f}"]
+                     describe_reduction(info.reduction), "-" if info.l2 is None else f"{info.l2:.0e}", f"{info.chance_error:.3f}"]
             if info.name in invalid:
                 filler = [""] * (len(head) - len(cells) - 1) if markdown else []  # markdown rows need every cell
                 cells += [f"invalid: {invalid[info.name]}", *filler]
@@ -166,7 +166,8 @@ def markdown_table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
-def _describe(reduction: dict[str, Any]) -> str:
+def describe_reduction(reduction: dict[str, Any]) -> str:
+    """A reduction saved as a dict, in words (``pool 2x2``, ``subset 100/784``)."""
     from linprobe.reduce import reduction_from_dict
 
     return reduction_from_dict(reduction).describe()

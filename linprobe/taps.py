@@ -513,14 +513,15 @@ class Taps:
             for target in (t for t in self.targets if (t.module, t.kind) == key):
                 for name, calls, record in self._choose(target, records):
                     reason = self._unfit(record, batch, target.explicit)
-                    if reason is None and not target.explicit and record.identity in seen:
-                        reason = f"the same tensor as {seen[record.identity]}"
+                    same = _same_values(record)
+                    if reason is None and not target.explicit and same in seen:
+                        reason = f"the same tensor as {seen[same]}"
                     if reason is not None:
                         if target.explicit:
                             raise LayerSelectionError(f"layer {name!r} cannot be probed: {reason}")
                         plan.skipped[name] = reason
                         continue
-                    seen.setdefault(record.identity, name)
+                    seen.setdefault(same, name)
                     if record.original is not None and record.original._version != record.identity[-1]:
                         plan.mutable.add(name)
                     plan.captures.append(Capture(name, key, calls, record.layout))
@@ -650,6 +651,15 @@ def target_key(target: Target) -> tuple[str, str]:
 def _identity(t: torch.Tensor) -> tuple[Any, ...]:
     """What makes two outputs the same values: storage, view and version."""
     return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t._version)
+
+
+def _same_values(record: _Record) -> tuple[Any, ...] | None:
+    """A key equal for outputs that hold the same values in the same order: the same memory and version, read
+    contiguously (a view that only reshapes, such as ``nn.Flatten``'s, is the same features)."""
+    if record.identity is None or record.original is None:
+        return record.identity
+    t = record.original
+    return (record.identity[0], record.identity[1], t.numel(), t.is_contiguous(), t.dtype, record.identity[-1])
 
 
 def _batch_size(inputs: Any) -> int:

@@ -12,6 +12,7 @@ from linprobe.animate import animate_errors
 from linprobe.atomic import atomic_write_text
 from linprobe.diagnose import describe, diagnose
 from linprobe.diagram import draw_model
+from linprobe.html_report import write_report
 from linprobe.plots import plot_heatmap
 from linprobe.results import ProbeResult
 
@@ -24,7 +25,7 @@ def save_timeline(result: ProbeResult, out: str | Path, *, split: str = "valid",
     last step).
 
     Returns the files written, keyed by their stem (``"heatmap"``, ``"animation"``, ``"animation_mp4"``,
-    ``"diagnostics"``, ``"diagram"``).
+    ``"diagnostics"``, ``"diagram"``, ``"report"``: ``report.html`` showing them all with the last step's table).
     """
     have = {(r.split, r.metric) for r in result.rows}
     if (split, metric) not in have:
@@ -44,6 +45,7 @@ def save_timeline(result: ProbeResult, out: str | Path, *, split: str = "valid",
         probed = [n for n in model_names if n in errors]
         files["diagram"] = draw_model(model_names, out / "diagram.png", errors={n: errors[n] for n in probed},
                                       probed=probed, title=f"probe {split} {metric} at step {step}")
+    files["report"] = write_report(out, result)
     return files
 
 

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from linprobe.experiments.report import Summary
+from linprobe.html_report import write_report
 
 EXPERIMENTS: dict[str, str] = {
     "toy": "linprobe.experiments.toy",
@@ -61,4 +62,6 @@ def reproduce(name: str, out: str | Path, *, quick: bool = False, data: str | No
         summary = run(Path(out), quick=quick, seed=seed, progress=progress, **options)
     summary.seconds = time.perf_counter() - start
     summary.write(Path(out))
+    if (Path(out) / "results.json").is_file():
+        write_report(out)
     return summary

@@ -1,0 +1,86 @@
+"""report.html: self-contained, its numbers those of results.csv, rendered by a real browser."""
+from __future__ import annotations
+
+import csv
+import html
+import re
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+from torch import nn
+
+import linprobe as lp
+from linprobe.cli import main
+from linprobe.html_report import write_report
+
+
+class _Cells(HTMLParser):
+    """The (layer, split) -> raw value cells of the per-layer table, and every src/href."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer, self.cells, self.links = "", {}, []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = dict(attrs)
+        if tag == "tr" and "data-layer" in a:
+            self.layer = a["data-layer"] or ""
+        if tag == "td" and a.get("data-value"):
+            self.cells[(self.layer, a["data-split"])] = a["data-value"]
+        self.links += [v for k, v in attrs if k in ("src", "href") and v]
+
+
+def _csv_errors(folder: Path) -> dict[tuple[str, str], str]:
+    with open(folder / "results.csv") as f:
+        return {(r["layer"], r["split"]): r["value"] for r in csv.DictReader(f) if r["metric"] == "top1_error"}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("run")
+    g = np.random.default_rng(0)
+    x, y = g.normal(size=(120, 6)).astype(np.float32), np.arange(120) % 3
+    x[:, :3] += 2 * np.eye(3)[y]
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    lp.probe(model, (x[:80], y[:80]), (x[80:100], y[80:100]), test=(x[100:], y[100:]), cache_dir=folder,
+             l2_path=(1.0, 0.1), progress=False)
+    return folder
+
+
+def test_probe_writes_a_self_contained_report_with_the_tables_numbers(run):
+    page = (run / "report.html").read_text()
+    cells = _Cells()
+    cells.feed(page)
+    assert cells.cells == _csv_errors(run) and len(cells.cells) == 4 * 3  # input and three modules, three splits
+    assert cells.links and all(link.startswith("data:image/") for link in cells.links)  # nothing to fetch
+    assert '"seed": 0' in html.unescape(page) and "Error per layer" in page  # provenance and the figure
+
+
+def test_report_command_rebuilds_the_same_page(run, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("features"))
+    (copy / "report.html").unlink()
+    assert main(["report", str(copy)]) == 0
+    assert (copy / "report.html").read_text() == (run / "report.html").read_text()
+    with pytest.raises(FileNotFoundError, match="no results.json"):
+        write_report(tmp_path)
+
+
+def test_report_renders_in_headless_chromium_without_console_errors(run, tmp_path):
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("no chromium on this machine (`apt-get install chromium`; .ci/run installs it)")
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr", "--v=0"]
+    done = subprocess.run([browser, *flags, "--dump-dom", (run / "report.html").as_uri()], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    cells = _Cells()
+    cells.feed(done.stdout)  # the DOM as the browser built it
+    assert cells.cells == _csv_errors(run)
+    assert not re.findall(r"CONSOLE.*(?:Uncaught|Error)", done.stderr)
