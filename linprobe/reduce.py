@@ -251,7 +251,8 @@ ReduceSpec = str | Reduction | Mapping[str, str | Reduction]
 def resolve_reductions(spec: ReduceSpec, shapes: Mapping[str, Sequence[int]], *, budget: int = DEFAULT_FEATURE_BUDGET,
                        seed: int = 0, layouts: Mapping[str, str] | None = None) -> dict[str, Reduction]:
     """One reduction per layer from a global spec or a per-layer mapping (unlisted layers: ``"auto"``);
-    ``layouts`` says which (T, D) outputs are tokens x features rather than channels x length."""
+    ``layouts`` says which (T, D) outputs are tokens x features rather than channels x length. A global
+    ``"pool"`` leaves flat layers as they are; an error names the layer."""
     if isinstance(spec, Mapping):
         unknown = set(spec) - set(shapes)
         if unknown:
@@ -259,9 +260,16 @@ def resolve_reductions(spec: ReduceSpec, shapes: Mapping[str, Sequence[int]], *,
     per_layer = spec if isinstance(spec, Mapping) else dict.fromkeys(shapes, spec)
     out = {}
     for name, shape in shapes.items():
-        r = parse_reduction(per_layer.get(name, "auto"), shape, budget=budget, seed=layer_seed(seed, name),
-                            layout=(layouts or {}).get(name, "channels_first"))
-        r.out_features(shape)  # validates the reduction against the layer's shape now, not mid-extraction
+        wanted = per_layer.get(name, "auto")
+        if not isinstance(spec, Mapping) and len(shape) == 1 and str(wanted).startswith("pool"):
+            out[name] = Flatten()  # one pooling spec for every layer: a flat layer has nothing to pool
+            continue
+        try:
+            r = parse_reduction(wanted, shape, budget=budget, seed=layer_seed(seed, name),
+                                layout=(layouts or {}).get(name, "channels_first"))
+            r.out_features(shape)  # validates the reduction against the layer's shape now, not mid-extraction
+        except ValueError as e:
+            raise ValueError(f"layer {name!r} (per-sample shape {tuple(shape)}): {e}") from None
         out[name] = r
     return out
 

@@ -9,6 +9,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from linprobe.atomic import atomic_write_text
 
 COLUMNS = ("step", "layer", "split", "metric", "value")
@@ -127,7 +129,7 @@ class ProbeResult:
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
         w.writerow(COLUMNS)
-        w.writerows((r.step, r.layer, r.split, r.metric, repr(r.value)) for r in self.rows)
+        w.writerows((r.step, r.layer, r.split, r.metric, format_value(r.value)) for r in self.rows)
         return buf.getvalue()
 
     def to_dict(self) -> dict[str, Any]:
@@ -164,6 +166,14 @@ def markdown_table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in (head, *rows)]
     lines.insert(1, "| " + " | ".join("-" * w for w in widths) + " |")
     return "\n".join(lines)
+
+
+def format_value(value: float) -> str:
+    """A value for the CSV: one that float32 holds exactly (the metrics are computed in float32) as float32's
+    shortest text, which reads back (as float32) as the same number: ``0.08``, not ``0.07999999821186066``;
+    anything else as Python's ``repr``. ``results.json`` keeps every value's full float64 ``repr``."""
+    single = np.float32(value)
+    return np.format_float_positional(single, trim="-") if float(single) == value else repr(value)
 
 
 def describe_reduction(reduction: dict[str, Any]) -> str:

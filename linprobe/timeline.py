@@ -8,12 +8,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from linprobe.animate import animate_errors
 from linprobe.atomic import atomic_write_text
 from linprobe.diagnose import describe, diagnose
-from linprobe.diagram import draw_model
 from linprobe.html_report import write_report
-from linprobe.plots import plot_heatmap
 from linprobe.results import ProbeResult
 
 
@@ -34,6 +31,10 @@ def save_timeline(result: ProbeResult, out: str | Path, *, split: str = "valid",
     step = result.steps[-1] if diagram_step is None else diagram_step
     if step not in result.steps:
         raise ValueError(f"diagram_step={step} was not measured; the result has steps {result.steps}")
+    from linprobe.animate import animate_errors  # matplotlib, imported when a figure is drawn
+    from linprobe.diagram import draw_model
+    from linprobe.plots import plot_heatmap
+
     out = Path(out)
     files = {"heatmap": plot_heatmap(result, out / "heatmap.png", split=split, metric=metric)}
     movies = animate_errors(result, out / "animation.gif", split=split, metric=metric)

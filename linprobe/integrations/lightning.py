@@ -20,7 +20,7 @@ try:
     from lightning.pytorch import Callback, LightningModule, Trainer
 except ImportError as e:
     raise ImportError("linprobe.integrations.lightning needs PyTorch Lightning: pip install lightning "
-                      "(or pip install 'linprobe[dev]')") from e
+                      "(or pip install 'linprobe[lightning]')") from e
 
 from linprobe.monitor import Monitor, metrics_at
 from linprobe.results import ProbeResult

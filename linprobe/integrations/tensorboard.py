@@ -22,7 +22,7 @@ def summary_writer(log_dir: str | Path) -> Any:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as e:  # torch raises this when the tensorboard package is missing
         raise ImportError("TensorBoard logging needs the tensorboard package: pip install tensorboard "
-                          "(or pip install 'linprobe[dev]')") from e
+                          "(or pip install 'linprobe[tensorboard]')") from e
     return SummaryWriter(str(log_dir))
 
 
