@@ -60,7 +60,9 @@ def _positive(text: str) -> int:
 
 def _add_probe_options(p: argparse.ArgumentParser, out_help: str) -> None:
     """The data, layer, reduction and output options ``probe`` and ``sweep`` share."""
-    p.add_argument("--data", default="mnist", help="mnist (default), fashion-mnist, digits or idx:DIR")
+    p.add_argument("--data", default="mnist", help="mnist (default), fashion-mnist, digits, idx:DIR, a .npz/.pt file "
+                                                   "of arrays (x, y or x_train, y_train, ...) or "
+                                                   "package.module:function returning them")
     p.add_argument("--layers", nargs="+", default=["all"], help="names, glob patterns or 'all' (default)")
     p.add_argument("--out", required=True, help=out_help)
     p.add_argument("--reduce", default="auto", help="auto (default), none, pool, pool:K, subset:K or project:K")

@@ -23,7 +23,8 @@ _IDX_FILES = {
 _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 IGNORE = -100
 """A token label meaning "no label here" (Hugging Face's convention): that token is not a sample."""
-_SPECS = "mnist, digits, fashion-mnist, idx:DIR (a folder of MNIST-format IDX files)"
+_SPECS = ("mnist, digits, fashion-mnist, idx:DIR (a folder of MNIST-format IDX files), a .npz or .pt file of "
+          "arrays, or package.module:function returning the data")
 
 
 def as_labels(y: Any) -> Tensor:
@@ -252,7 +253,9 @@ def load_digits() -> ArrayDataset:
 
 def load_dataset(spec: str) -> dict[str, ArrayDataset]:
     """Load a dataset by spec: "mnist" and "digits" give {"all"}; "fashion-mnist" and "idx:DIR" give {"train",
-    "test"}."""
+    "test"}; a ``.npz`` or ``.pt`` file of arrays gives {"all"} from ``x``, ``y``, or the splits it holds as
+    ``x_train``, ``y_train``, ``x_valid``, ... (train and test at least); ``package.module:function`` gives what
+    the function returns: an ``(x, y)`` pair, or a mapping of split name to ``(x, y)`` pairs or datasets."""
     if spec == "mnist":
         return {"all": load_mnist()}
     if spec == "digits":
@@ -261,7 +264,47 @@ def load_dataset(spec: str) -> dict[str, ArrayDataset]:
         return load_fashion_mnist()
     if spec.startswith("idx:") and len(spec) > len("idx:"):
         return load_idx(spec[len("idx:"):])
+    if spec.endswith((".npz", ".pt", ".pth")):
+        return _array_file(Path(spec))
+    if ":" in spec and not spec.startswith(":"):
+        module, _, function = spec.partition(":")
+        return _as_parts(getattr(importlib.import_module(module), function)(), spec)
     raise ValueError(f"unknown dataset spec {spec!r}; valid specs: {_SPECS}")
+
+
+def _array_file(path: Path) -> dict[str, ArrayDataset]:
+    """The arrays of a ``.npz`` (numpy) or ``.pt`` (torch, tensors only) file as splits."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; pass a .npz or .pt file holding x and y (or x_train, "
+                                "y_train, x_test, y_test, and optionally x_valid, y_valid)")
+    if path.suffix == ".npz":
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    else:
+        arrays = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(arrays, Mapping):
+            raise ValueError(f"{path} holds a {type(arrays).__name__}; save a dict of tensors (x, y or x_train, ...)")
+    if {"x", "y"} <= set(arrays):
+        return {"all": ArrayDataset(arrays["x"], arrays["y"])}
+    parts = {name: ArrayDataset(arrays[f"x_{name}"], arrays[f"y_{name}"]) for name in ("train", "valid", "test")
+             if f"x_{name}" in arrays and f"y_{name}" in arrays}
+    if not {"train", "test"} <= set(parts):
+        raise ValueError(f"{path} holds {sorted(arrays)}: it needs x and y, or x_train, y_train, x_test, y_test "
+                         "(and optionally x_valid, y_valid)")
+    return parts
+
+
+def _as_parts(found: Any, spec: str) -> dict[str, ArrayDataset]:
+    """What a data function returned, as named splits of in-memory data."""
+    if isinstance(found, Mapping):
+        parts = {str(k): v if isinstance(v, ArrayDataset) else ArrayDataset(*v) for k, v in found.items()}
+        if {"train", "test"} <= set(parts) or set(parts) == {"all"}:
+            return parts
+        raise ValueError(f"{spec} returned splits {sorted(parts)}: return train and test (and optionally valid), "
+                         "or one (x, y) pair")
+    if isinstance(found, (tuple, list)) and len(found) == 2:
+        return {"all": ArrayDataset(*found)}
+    raise TypeError(f"{spec} returned a {type(found).__name__}: return an (x, y) pair or a dict of splits")
 
 
 def _part_counts(sizes: Sequence[float | int], n: int) -> np.ndarray:
@@ -345,7 +388,9 @@ def standard_splits(spec: str, *, seed: int = 0, valid_fraction: float = 0.1, te
     if limit is not None and limit < 1:
         raise ValueError(f"limit={limit} must be a positive number of training samples, or None for all")
     parts = load_dataset(spec)
-    if "train" in parts and "test" in parts:
+    if {"train", "valid", "test"} <= set(parts):
+        splits = {name: parts[name] for name in ("train", "valid", "test")}
+    elif "train" in parts and "test" in parts:
         train, valid = stratified_split(parts["train"], [1 - valid_fraction, valid_fraction], seed=seed)
         splits = {"train": train, "valid": valid, "test": parts["test"]}
     else:

@@ -54,3 +54,40 @@ def test_probe_command_takes_max_iter_and_names_unconverged_layers(tmp_path, cap
 def test_version(capsys):
     assert main(["--version"]) == 0
     assert capsys.readouterr().out.strip() == f"linprobe {lp.__version__} (torch {torch.__version__})"
+
+
+def test_probe_command_reads_the_users_own_arrays(tmp_path, capsys):
+    import numpy as np
+    g = np.random.default_rng(0)
+    x, y = g.normal(size=(90, 5)).astype(np.float32), np.arange(90) % 3
+    x[:, :3] += 3 * np.eye(3)[y]
+    np.savez(tmp_path / "data.npz", x=x, y=y)
+    np.savez(tmp_path / "splits.npz", x_train=x[:60], y_train=y[:60], x_valid=x[60:75], y_valid=y[60:75],
+             x_test=x[75:], y_test=y[75:])
+    for name in ("data.npz", "splits.npz"):
+        out = tmp_path / name.replace(".", "_")
+        assert main(["probe", "--model", "torch.nn:Identity", "--data", str(tmp_path / name), "--out", str(out),
+                     "--quiet"]) == 0
+        rows = list(csv.DictReader(open(out / "results.csv")))
+        test = [r for r in rows if r["split"] == "test" and r["metric"] == "top1_error"]
+        assert len(test) == 1 and float(test[0]["value"]) < 0.2
+    assert sum(1 for r in csv.DictReader(open(tmp_path / "splits_npz" / "results.csv")) if r["split"] == "test") > 0
+    assert main(["probe", "--model", "torch.nn:Identity", "--data", str(tmp_path / "none.npz"), "--out",
+                 str(tmp_path / "x")]) == 2
+    assert "none.npz does not exist" in capsys.readouterr().err
+
+
+def splits_for_cli() -> dict:
+    """A data function for --data test_cli:splits_for_cli."""
+    import numpy as np
+    g = np.random.default_rng(1)
+    x, y = g.normal(size=(90, 4)).astype(np.float32), np.arange(90) % 2
+    x[:, 0] += 3 * y
+    return {"train": (x[:60], y[:60]), "test": (x[60:], y[60:])}
+
+
+def test_probe_command_takes_a_data_function(tmp_path):
+    assert main(["probe", "--model", "torch.nn:Identity", "--data", "test_cli:splits_for_cli", "--out",
+                 str(tmp_path), "--quiet"]) == 0
+    rows = [r for r in csv.DictReader(open(tmp_path / "results.csv")) if r["metric"] == "top1_error"]
+    assert {r["split"] for r in rows} == {"train", "valid", "test"} and float(rows[-1]["value"]) < 0.1

@@ -26,6 +26,8 @@ from linprobe.solvers import fit_logistic
 
 from conftest import one_thread
 
+pytestmark = pytest.mark.slow  # minutes in all: `pytest -m "not slow"` leaves it out
+
 WORLD = 2
 # 300 train rows in 5 batches (3 for rank 0, 2 for rank 1); valid's one batch leaves rank 1 without a shard;
 # the conv layer (16 x 8 x 8 = 1024 features > 2 x 300 rows) is fitted in its row space.

@@ -14,7 +14,8 @@ def _blocks(page: str) -> list[str]:
     return re.findall(r"```python\n(.*?)```", (ROOT / page).read_text(), flags=re.S)
 
 
-@pytest.mark.parametrize("page, index", [(p, i) for p in PAGES for i in range(len(_blocks(p)))])
+@pytest.mark.parametrize("page, index", [pytest.param(p, i, marks=[pytest.mark.slow] if p == "README.md" else [])
+                                         for p in PAGES for i in range(len(_blocks(p)))])
 def test_code_block_runs_as_pasted(page, index, capsys, tmp_path, monkeypatch):
     if "transformers" in _blocks(page)[index]:
         pytest.importorskip("transformers")

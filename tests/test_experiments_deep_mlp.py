@@ -12,6 +12,8 @@ import linprobe as lp
 from linprobe.experiments import reproduce
 from linprobe.experiments.deep_mlp import QUICK, block_means, range_mean, train_minibatches
 
+pytestmark = pytest.mark.slow  # minutes in all: `pytest -m "not slow"` leaves it out
+
 Run = Callable[[str], Path]
 
 

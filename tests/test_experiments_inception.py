@@ -15,6 +15,8 @@ from linprobe.models import inception_probe_points, small_inception
 
 from conftest import quick_run
 
+pytestmark = pytest.mark.slow  # minutes in all: `pytest -m "not slow"` leaves it out
+
 PROBES = inception_probe_points(small_inception())
 
 

@@ -1,6 +1,8 @@
 """The convnet experiment's monitored training, on a small slice: the table, the timelines and the findings."""
 from __future__ import annotations
 
+import pytest
+
 from pathlib import Path
 
 import torch
@@ -9,6 +11,8 @@ from PIL import Image
 import linprobe as lp
 from linprobe.experiments.mnist_convnet import monitored_training
 from linprobe.models import MNIST_CONVNET_PROBES, mnist_convnet
+
+pytestmark = pytest.mark.slow  # minutes in all: `pytest -m "not slow"` leaves it out
 
 
 def test_monitored_training_writes_both_timelines_and_states_overhead_and_gap(tmp_path: Path) -> None:

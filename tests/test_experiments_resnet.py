@@ -13,6 +13,8 @@ from linprobe.models import resnet_probe_points, small_resnet
 
 from conftest import quick_run
 
+pytestmark = pytest.mark.slow  # minutes in all: `pytest -m "not slow"` leaves it out
+
 PROBES = resnet_probe_points(small_resnet())
 
 

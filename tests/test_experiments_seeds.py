@@ -1,10 +1,14 @@
 """Same seed, same bits: a reproduction does not depend on the global random state, and leaves it as it was."""
 from __future__ import annotations
 
+import pytest
+
 import torch
 from conftest import one_thread
 
 from linprobe.experiments import reproduce
+
+pytestmark = pytest.mark.slow  # minutes in all: `pytest -m "not slow"` leaves it out
 
 
 def test_mnist_convnet_is_bit_identical_whatever_the_global_rng(tmp_path):

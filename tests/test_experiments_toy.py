@@ -11,6 +11,8 @@ from linprobe.experiments.report import Summary
 
 from conftest import quick_run
 
+pytestmark = pytest.mark.slow  # minutes in all: `pytest -m "not slow"` leaves it out
+
 
 @pytest.fixture(scope="module")
 def toy_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Summary]]:
