@@ -3,6 +3,7 @@ reproduce the paper."""
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -85,6 +86,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="linprobe", description="Linear classifier probes on every layer of a PyTorch model.")
     p.add_argument("--traceback", action="store_true", help="on an error, show the full traceback instead of one line")
     p.add_argument("--version", action="version", version=f"linprobe {__version__} (torch {torch.__version__})")
+    p.add_argument("-v", "--verbose", action="count", default=0,
+                   help="say what is done (-v: each step of a run, -vv: debug messages too)")
     sub = p.add_subparsers(dest="command", required=True)
     layers = sub.add_parser("layers", help="list a model's tappable layer names")
     layers.add_argument("--model", required=True, help="model factory, package.module:function")
@@ -215,6 +218,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:  # argparse has printed the help, or the usage and one line
         return int(e.code or 0)
+    _configure_logging(args.verbose)
     try:
         _run(args)
     except KeyboardInterrupt:
@@ -231,6 +235,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"linprobe {args.command}: error: {text}", file=sys.stderr)
         return 2 if isinstance(e, _INPUT_ERRORS) else 1
     return 0
+
+
+def _configure_logging(verbose: int) -> None:
+    """linprobe's loggers to standard error: warnings only by default, each step with -v, debug with -vv."""
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logger = logging.getLogger("linprobe")
+    logger.setLevel(level)
+    for old in [h for h in logger.handlers if getattr(h, "linprobe_cli", False)]:
+        logger.removeHandler(old)  # a handler holds the stderr of its time; each run gets today's
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("linprobe: %(message)s"))
+    handler.linprobe_cli = True  # type: ignore[attr-defined]
+    logger.addHandler(handler)
 
 
 def entry() -> Any:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import logging
 import os
 import tempfile
 import time
@@ -34,6 +35,8 @@ from linprobe.reduce import DEFAULT_FEATURE_BUDGET, ReduceSpec, Reduction, Stand
 from linprobe.results import LayerInfo, ProbeResult
 from linprobe.solvers import DEFAULT_L2_PATH
 from linprobe.taps import LayerSpec, Plan, RepeatPolicy, Selector, Taps, TokenReduction, frozen
+
+log = logging.getLogger(__name__)
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -157,8 +160,11 @@ def probe(model: nn.Module, train: Any, valid: Any, test: Any = None, *, layers:
                            processes=distributed.world_size(), distribute=distribute,
                            provenance=provenance(settings, started=started, device=model_device(model)))
         out = out_dir if out_dir is not None else cache_dir
+        if result.meta.get("skipped"):
+            log.info("skipped %d module(s) that give nothing to probe (meta['skipped'])", len(result.meta["skipped"]))
         if out is not None and distributed.rank() == 0:
             _save(result, bank, Path(out), plot and "test" in splits)
+            log.info("wrote the results of %d layer(s) into %s", len(bank), out)
     result.probes = bank  # type: ignore[attr-defined]
     return result
 
@@ -216,8 +222,11 @@ def _extract_all(taps: Taps, splits: Mapping[str, Split], cache: FeatureCache, r
     with frozen(taps.model):
         for name, split in splits.items():
             if not distributed.broadcast_object(cache.is_complete(name, split.fingerprint())):  # rank 0's view
+                log.info("extracting the %s split (%d samples) into %s", name, len(split), cache.root)
                 speeds[name] = extract_split(taps, split, cache, name, reductions=reductions, batch_size=batch_size,
                                              dtype=dtype, progress=progress)
+            else:
+                log.info("the %s split is already extracted in %s: read back, no forward pass", name, cache.root)
     return speeds
 
 

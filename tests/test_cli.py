@@ -91,3 +91,16 @@ def test_probe_command_takes_a_data_function(tmp_path):
                  str(tmp_path), "--quiet"]) == 0
     rows = [r for r in csv.DictReader(open(tmp_path / "results.csv")) if r["metric"] == "top1_error"]
     assert {r["split"] for r in rows} == {"train", "valid", "test"} and float(rows[-1]["value"]) < 0.1
+
+
+def test_verbose_says_each_step_on_stderr(tmp_path, capsys):
+    import numpy as np
+    x, y = np.random.default_rng(0).normal(size=(40, 3)).astype(np.float32), np.arange(40) % 2
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    argv = ["probe", "--model", "torch.nn:Identity", "--data", str(tmp_path / "d.npz"), "--out", str(tmp_path / "o"),
+            "--quiet"]
+    assert main(["-v", *argv]) == 0
+    err = capsys.readouterr().err
+    assert "linprobe: extracting the train split (" in err and "linprobe: wrote the results of 1 layer(s)" in err
+    assert main(argv) == 0  # the second run reads the cache back, and by default says nothing
+    assert capsys.readouterr().err == ""
