@@ -3,6 +3,7 @@ reproduce the paper."""
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -13,6 +14,7 @@ import torch
 from torch import nn
 
 from linprobe import __version__, distributed
+from linprobe.atomic import atomic_write_text
 from linprobe.cache import CacheError
 from linprobe.data import standard_splits
 from linprobe.finished import probe
@@ -76,6 +78,8 @@ def _add_probe_options(p: argparse.ArgumentParser, out_help: str) -> None:
     p.add_argument("--max-iter", type=_positive, default=500, help="L-BFGS iterations per L2 (default 500)")
     p.add_argument("--device", type=_device, default=torch.device("cpu"),
                    help="where the model runs and the probes are fitted: cpu (default), cuda, cuda:1, ...")
+    p.add_argument("--config", help="a TOML file whose keys mirror these flags (flags given here override it); every "
+                                    "run writes its own as OUT/run.toml, so it reruns from that one file")
     p.add_argument("--distribute", choices=["rows", "layers", "checkpoints"], default="rows",
                    help="under torchrun: each process fits its rows of every layer (rows, default), whole layers "
                         "(layers, cheaper with many layers on a shared disk) or, for sweep, whole checkpoints "
@@ -172,6 +176,7 @@ def _sweep(args: argparse.Namespace) -> None:
     splits = _splits(args)
     result = sweep(args.model, found, splits["train"], splits["valid"], splits["test"], out=args.out,
                    figures=not args.no_figures, device=args.device, **_probe_options(args))
+    write_config(args, Path(args.out))
     figures = "".join(f", {Path(f).name}" for f in result.meta.get("figures", {}).values())
     _print_result(result, f"{Path(args.out) / 'results.csv'} ({len(found)} checkpoints), results.json{figures} "
                           "and steps/")
@@ -199,8 +204,9 @@ def _run(args: argparse.Namespace) -> None:
     splits = _splits(args)
     result = probe(model.to(args.device), splits["train"], splits["valid"], splits["test"], cache_dir=args.out,
                    **_probe_options(args))
+    write_config(args, Path(args.out))
     _print_result(result, f"{Path(args.out) / 'report.html'} (open it in a browser), results.csv, results.json, "
-                          "errors.png and probes/")
+                          f"errors.png, probes/ and {CONFIG}")
 
 
 _INPUT_ERRORS = (UsageError, ValueError, TypeError, CacheError, OSError, KeyError)
@@ -214,10 +220,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     interrupted (complete cache splits are kept, so a rerun resumes).
     """
     parser = _parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        _apply_config(parser, argv)
         args = parser.parse_args(argv)
     except SystemExit as e:  # argparse has printed the help, or the usage and one line
         return int(e.code or 0)
+    except UsageError as e:
+        print(f"linprobe: error: {e}", file=sys.stderr)
+        return 2
     _configure_logging(args.verbose)
     try:
         _run(args)
@@ -235,6 +246,55 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"linprobe {args.command}: error: {text}", file=sys.stderr)
         return 2 if isinstance(e, _INPUT_ERRORS) else 1
     return 0
+
+
+CONFIG = "run.toml"
+_NOT_SETTINGS = {"command", "config", "print_usage", "traceback", "verbose", "quiet"}
+
+
+def _apply_config(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """With ``--config FILE`` on a probe or sweep command line: the file's keys become that command's defaults
+    (so flags override them), and options it gives are no longer required on the command line."""
+    if "--config" not in argv or argv.index("--config") + 1 >= len(argv):
+        return
+    import tomllib  # Python 3.11+
+
+    path = Path(argv[argv.index("--config") + 1])
+    try:
+        found = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise UsageError(f"--config {path}: {e}") from None
+    command = next((a for a in argv if a in ("probe", "sweep")), None)
+    sub = _subparser(parser, command) if command else None
+    if sub is None:
+        raise UsageError("--config belongs to the probe and sweep commands: linprobe probe --config run.toml")
+    actions = {a.dest: a for a in sub._actions if a.dest not in _NOT_SETTINGS | {"help"}}
+    settings = {key.replace("-", "_"): value for key, value in found.items()}
+    unknown = sorted(set(settings) - set(actions))
+    if unknown:
+        raise UsageError(f"--config {path}: unknown key(s) {unknown}; {command} takes {sorted(actions)}")
+    for dest, value in settings.items():
+        actions[dest].required = False
+    sub.set_defaults(**settings)
+
+
+def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser | None:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices.get(command)
+    return None
+
+
+def write_config(args: argparse.Namespace, out: Path) -> Path:
+    """``OUT/run.toml``: every setting of this run, so ``--config OUT/run.toml`` runs it again."""
+    lines = []
+    for key, value in sorted(vars(args).items()):
+        if key in _NOT_SETTINGS or value is None or callable(value):
+            continue
+        value = str(value) if isinstance(value, torch.device) else value
+        lines.append(f"{key.replace('_', '-')} = {json.dumps(value)}")
+    atomic_write_text(out / CONFIG, "\n".join(lines) + "\n")
+    return out / CONFIG
 
 
 def _configure_logging(verbose: int) -> None:

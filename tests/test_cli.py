@@ -104,3 +104,23 @@ def test_verbose_says_each_step_on_stderr(tmp_path, capsys):
     assert "linprobe: extracting the train split (" in err and "linprobe: wrote the results of 1 layer(s)" in err
     assert main(argv) == 0  # the second run reads the cache back, and by default says nothing
     assert capsys.readouterr().err == ""
+
+
+def test_a_run_writes_its_config_and_reruns_from_it_exactly(tmp_path, capsys):
+    import numpy as np
+    g = np.random.default_rng(2)
+    x, y = g.normal(size=(80, 4)).astype(np.float32), np.arange(80) % 2
+    x[:, 0] += 2 * y
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    first = tmp_path / "first"
+    assert main(["probe", "--model", "torch.nn:Identity", "--data", str(tmp_path / "d.npz"), "--out", str(first),
+                 "--seed", "3", "--max-iter", "40", "--quiet"]) == 0
+    config = (first / "run.toml").read_text()
+    assert 'seed = 3' in config and 'max-iter = 40' in config and 'model = "torch.nn:Identity"' in config
+    again = tmp_path / "again"
+    assert main(["probe", "--config", str(first / "run.toml"), "--out", str(again)]) == 0  # flags override the file
+    assert (again / "results.csv").read_text() == (first / "results.csv").read_text()
+    (tmp_path / "bad.toml").write_text('sede = 3\n')
+    capsys.readouterr()
+    assert main(["probe", "--config", str(tmp_path / "bad.toml")]) == 2
+    assert "unknown key(s) ['sede']" in capsys.readouterr().err
