@@ -158,7 +158,7 @@ def _print_result(result: ProbeResult, wrote: str) -> None:
     """The table and what was written, once: by rank 0 under torchrun."""
     if distributed.rank() != 0:
         return
-    print(result.table())
+    print(result.table(metrics=("top1_error",)))  # the terminal's width; every metric is in results.csv
     for layer, reason in result.meta.get("invalid", {}).items():
         print(f"{layer}: invalid: {reason}")
     for layer, reason in result.meta.get("not_converged", {}).items():

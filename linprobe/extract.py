@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from linprobe import distributed
 from linprobe.cache import CacheError, FeatureCache
+from linprobe.data import tree_tensors
 from linprobe.inputs import Batch, Split
 from linprobe.reduce import Reduction, reduction_from_dict
 from linprobe.taps import Plan, Taps, discovery_batch
@@ -48,7 +49,13 @@ def discover(taps: Taps, split: Split, batch_size: int, name: str = "train") -> 
         raise ValueError(f"the {name} data yielded no batch (a DataLoader with drop_last and fewer samples than its "
                          "batch size?): probing needs samples in every split")
     taps.plan, taps.reductions = None, {}
-    return taps.run(prepared(discovery_batch(first), taps.model))
+    batch = prepared(discovery_batch(first), taps.model)
+    try:
+        return taps.run(batch)
+    except (RuntimeError, TypeError, IndexError) as e:  # the data does not fit the model: say so before slow work
+        shapes = ", ".join(f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}" for t in tree_tensors(batch.inputs))
+        raise ValueError(f"{type(taps.model).__name__} cannot run on the {name} data (a batch of inputs {shapes}): "
+                         f"{' '.join(str(e).split())}; check that the data fit the model") from e
 
 
 def extract_split(taps: Taps, split: Split, cache: FeatureCache, name: str, *, reductions: ChooseReductions,

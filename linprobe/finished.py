@@ -286,7 +286,9 @@ def _fit_all(cache: FeatureCache, has_test: bool, fit: Mapping[str, Any], device
     fitted: dict[str, tuple[LinearProbe, dict[str, dict[str, float]]]] = {}
     read_seconds = 0.0
     quiet = not progress or distributed.rank() != 0
-    for name in tqdm(_my_layers(cache, invalid, distribute), desc="fit probes", disable=quiet, leave=False):
+    bar = tqdm(_my_layers(cache, invalid, distribute), desc="fit probes", unit="layer", disable=quiet, leave=False)
+    for name in bar:
+        bar.set_postfix_str(name, refresh=False)  # the layer being fitted, not only how many are done
         meta = cache.layers[name]
         probe = LinearProbe(name, reduction_from_dict(meta["reduction"]), meta["features"], len(classes)).to(device)
         raw = cache.features("train", name, rows=rows["train"])

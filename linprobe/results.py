@@ -97,14 +97,16 @@ class ProbeResult:
         have = {r.layer: r.value for r in self.rows if (r.step, r.split, r.metric) == (step, split, metric)}
         return {n: have[n] for n in self.names if n in have}
 
-    def table(self, step: int | None = None, *, markdown: bool = False) -> str:
-        """A table, one row per layer: size, reduction, L2, chance and errors per split.
+    def table(self, step: int | None = None, *, markdown: bool = False,
+              metrics: Sequence[str] | None = None) -> str:
+        """A table, one row per layer: size, reduction, L2, chance and errors per split (``metrics``: which of
+        top1_error, top5_error, balanced_error, cross_entropy; default all measured).
 
         Fixed-width text for a terminal, or a markdown table (``markdown=True``) for a report page.
         """
         step = self.steps[-1] if step is None else step
         splits = [s for s in ("train", "valid", "test") if any(r.split == s and r.step == step for r in self.rows)]
-        metrics = [m for m in _TABLE_METRICS if any(r.metric == m for r in self.rows)]
+        metrics = [m for m in _TABLE_METRICS if any(r.metric == m for r in self.rows) and (metrics is None or m in metrics)]
         head = ["layer", "shape", "features", "reduction", "l2", "chance"] + [
             f"{s} {_TABLE_METRICS[m]}" for m in metrics for s in splits]
         invalid = self.meta.get("invalid", {})

@@ -182,7 +182,13 @@ def load_checkpoint(model: nn.Module, checkpoint: str | Path, name: str) -> None
 def _read_state(path: Path) -> Any:
     """The object saved in a torch file (tensors and plain containers only), or a safetensors file's tensors."""
     if path.suffix != ".safetensors":
-        return torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # torch's own message advises weights_only=False, which would run pickled code
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointError(f"checkpoint {path} cannot be read as tensors ({first}): it is truncated, "
+                                  "corrupt, or holds objects other than tensors and plain containers; save "
+                                  "model.state_dict() instead") from None
     try:
         from safetensors.torch import load_file
     except ImportError:

@@ -37,3 +37,12 @@ def test_csv_values_carry_no_float32_noise():
     assert format_value(float(np.float32(0.08))) == "0.08"  # not 0.07999999821186066
     assert np.float32(format_value(float(np.float32(1 / 3)))) == np.float32(1 / 3)
     assert format_value(1 / 3) == repr(1 / 3) and format_value(0.0) == "0"  # a float64 value keeps its repr
+
+
+def test_table_can_show_only_some_metrics():
+    from linprobe.results import LayerInfo, ProbeResult
+    r = ProbeResult([LayerInfo("a", (3,), 3, 3, {"kind": "none"}, 0.5, 1.0)])
+    r.add(0, "a", "valid", {"top1_error": 0.25, "cross_entropy": 0.7})
+    head = r.table(metrics=("top1_error",)).splitlines()[0]
+    assert "valid top1" in head and "valid ce" not in head
+    assert "valid ce" in r.table().splitlines()[0]

@@ -217,3 +217,21 @@ def test_import_linprobe_loads_no_optional_or_plotting_library():
             "'transformers', 'jinja2') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_data_that_does_not_fit_the_model_is_named_before_any_extraction(tmp_path):
+    x, y = _blobs()
+    with pytest.raises(ValueError, match=r"Sequential cannot run on the train data \(a batch of inputs \(4, 6\) "
+                                         r"float32\): mat1 and mat2 shapes cannot be multiplied"):
+        lp.probe(nn.Sequential(nn.Linear(7, 2)), (x, y), (x, y), cache_dir=tmp_path, **KW)
+    assert not list(tmp_path.glob("features/*/train/*"))
+
+
+def test_a_corrupt_checkpoint_is_a_clear_error_without_pickle_advice(tmp_path):
+    from linprobe.sweeps import CheckpointError, load_checkpoint
+    path = tmp_path / "step_1.pt"
+    torch.save(nn.Linear(2, 2).state_dict(), path)
+    path.write_bytes(path.read_bytes()[:40])
+    with pytest.raises(CheckpointError, match="cannot be read as tensors") as found:
+        load_checkpoint(nn.Linear(2, 2), path, "Linear")
+    assert "weights_only=False" not in str(found.value)
