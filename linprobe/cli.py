@@ -192,6 +192,9 @@ def _run(args: argparse.Namespace) -> None:
     if args.command == "report":
         print(f"wrote {write_report(args.run_dir)}")
         return
+    if args.command == "probe" and args.distribute == "checkpoints":
+        raise UsageError("--distribute checkpoints shares a sweep's checkpoints between processes; probe has one "
+                         "model: use rows (default) or layers")
     model = load_model(args.model, getattr(args, "checkpoint", None))
     if args.command == "layers":
         example = torch.zeros(1, *args.input_shape) if args.input_shape else None

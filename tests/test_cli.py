@@ -23,6 +23,8 @@ def test_layers_in_execution_order(capsys):
     (["probe", "--model", "linprobe.models:mnist_convnet", "--layers", "conv9", "--limit", "50", "--out", "x"],
      "closest: conv2_preact"),
     (["probe", "--model", "linprobe.models:mnist_convnet", "--checkpoint", "missing.pt", "--out", "x"], "does not exist"),
+    (["probe", "--model", "linprobe.models:mnist_convnet", "--distribute", "checkpoints", "--out", "x"],
+     "probe has one model: use rows"),
 ])
 def test_bad_arguments_give_one_line_and_usage(argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
