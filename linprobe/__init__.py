@@ -26,7 +26,8 @@ from linprobe.taps import INPUT, LayerSelectionError, Taps, layer_names, residua
 from linprobe.timeline import save_timeline
 
 __version__ = "0.1.0"
-__all__ = ["ArrayDataset", "Flatten", "INPUT", "InputSpec", "LayerSelectionError", "LinearProbe", "Monitor", "OnlineProbes", "Pool",
-           "ProbeBank", "ProbeResult", "Project", "Subset", "Taps", "describe", "diagnose", "find_checkpoints", "layer_names",
+__all__ = ["ArrayDataset", "Flatten", "INPUT", "InputSpec", "LayerSelectionError", "LinearProbe", "Monitor",
+           "OnlineProbes", "Pool", "ProbeBank", "ProbeResult", "Project", "Subset", "Taps", "describe", "diagnose",
+           "find_checkpoints", "layer_names",
            "load_dataset", "models", "online_exact_gap", "probe", "probe_features", "residual_stream", "save_timeline",
            "Split", "standard_splits", "sweep"]

@@ -166,7 +166,8 @@ def _print_result(result: ProbeResult, wrote: str) -> None:
     skipped = result.meta.get("skipped", {})
     if skipped:
         print(f"skipped {len(skipped)} module(s) that give nothing to probe (result.meta['skipped'] / results.json): "
-              + "; ".join(f"{n}: {why}" for n, why in list(skipped.items())[:3]) + ("; ..." if len(skipped) > 3 else ""))
+              + "; ".join(f"{n}: {why}" for n, why in list(skipped.items())[:3])
+              + ("; ..." if len(skipped) > 3 else ""))
     print(f"\nwrote {wrote}")
 
 

@@ -53,7 +53,8 @@ def discover(taps: Taps, split: Split, batch_size: int, name: str = "train") -> 
     try:
         return taps.run(batch)
     except (RuntimeError, TypeError, IndexError) as e:  # the data does not fit the model: say so before slow work
-        shapes = ", ".join(f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}" for t in tree_tensors(batch.inputs))
+        shapes = ", ".join(f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}"
+                           for t in tree_tensors(batch.inputs))
         raise ValueError(f"{type(taps.model).__name__} cannot run on the {name} data (a batch of inputs {shapes}): "
                          f"{' '.join(str(e).split())}; check that the data fit the model") from e
 
@@ -65,7 +66,8 @@ def extract_split(taps: Taps, split: Split, cache: FeatureCache, name: str, *, r
     Before the first split a discovering forward on a few samples makes the taps' plan and ``reductions`` chooses
     each capture's reduction (recording both in the cache); later splits and resumed runs take them from the
     cache. Every forward reduces inside the hooks and writes each capture to the shard as soon as it is reduced
-    (the taps' ``sink``), so a batch holds one capture at a time, and stops after the deepest capture. Every batch is checked: one row per label, the shapes of the first batch,
+    (the taps' ``sink``), so a batch holds one capture at a time, and stops after the deepest capture. Every
+    batch is checked: one row per label, the shapes of the first batch,
     finite values (a layer with a NaN or Inf is recorded in the split's ``nonfinite`` entry with its first batch
     and sample).
 

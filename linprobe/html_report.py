@@ -49,7 +49,8 @@ def _context(folder: Path, result: ProbeResult) -> dict[str, Any]:
     rows = []
     for info in result.layers:
         cells = [{"text": _fraction(have.get((info.name, s, "top1_error"))), "split": s, "metric": "top1_error",
-                  "raw": format_value(have[(info.name, s, "top1_error")]) if (info.name, s, "top1_error") in have else ""}
+                  "raw": format_value(have[(info.name, s, "top1_error")])
+                  if (info.name, s, "top1_error") in have else ""}
                  for s in splits]
         if {"train", "valid"} <= set(splits):
             train, valid = have.get((info.name, "train", "top1_error")), have.get((info.name, "valid", "top1_error"))

@@ -65,7 +65,8 @@ class Batch:
         return self.labels[self.labels != IGNORE] if self.token_level else self.labels
 
     def call(self, model: torch.nn.Module) -> Any:
-        """Run ``model`` on the inputs: ``model(**x)`` for a mapping, ``model(*x)`` for a tuple/list, else ``model(x)``."""
+        """Run ``model`` on the inputs: ``model(**x)`` for a mapping, ``model(*x)`` for a tuple or list, else
+        ``model(x)``."""
         if isinstance(self.inputs, Mapping):
             return model(**self.inputs)
         if isinstance(self.inputs, (tuple, list)):

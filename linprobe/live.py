@@ -9,8 +9,8 @@
 
 Probes of equal width are stacked and trained with one batched matmul: the group's weights are one
 (L, D, C) parameter (``group.weights[i]`` is probe i's view), so a step computes one gradient and the
-optimiser makes one update per width group, not one per probe. Nothing here touches the model's parameters, gradients, modes,
-buffers or the global random generator.
+optimiser makes one update per width group, not one per probe. Nothing here touches the model's parameters,
+gradients, modes, buffers or the global random generator.
 """
 from __future__ import annotations
 

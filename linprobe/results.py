@@ -106,7 +106,8 @@ class ProbeResult:
         """
         step = self.steps[-1] if step is None else step
         splits = [s for s in ("train", "valid", "test") if any(r.split == s and r.step == step for r in self.rows)]
-        metrics = [m for m in _TABLE_METRICS if any(r.metric == m for r in self.rows) and (metrics is None or m in metrics)]
+        metrics = [m for m in _TABLE_METRICS
+                   if any(r.metric == m for r in self.rows) and (metrics is None or m in metrics)]
         head = ["layer", "shape", "features", "reduction", "l2", "chance"] + [
             f"{s} {_TABLE_METRICS[m]}" for m in metrics for s in splits]
         invalid = self.meta.get("invalid", {})
@@ -114,7 +115,8 @@ class ProbeResult:
         for info in self.layers:
             have = {(r.split, r.metric): r.value for r in self.rows if r.step == step and r.layer == info.name}
             cells = [info.name, "x".join(map(str, info.shape)), f"{info.features_in}->{info.features_out}",
-                     describe_reduction(info.reduction), "-" if info.l2 is None else f"{info.l2:.0e}", f"{info.chance_error:.3f}"]
+                     describe_reduction(info.reduction), "-" if info.l2 is None else f"{info.l2:.0e}",
+                     f"{info.chance_error:.3f}"]
             if info.name in invalid:
                 filler = [""] * (len(head) - len(cells) - 1) if markdown else []  # markdown rows need every cell
                 cells += [f"invalid: {invalid[info.name]}", *filler]
