@@ -65,9 +65,8 @@ def extract_in_memory(case: Case) -> dict[str, dict[str, np.ndarray]]:
             for batch in Split.of(data).batches(256):
                 features = taps.run(batch)
                 if not taps.reductions:  # the first (discovering) forward: choose reductions; later hooks apply them
-                    layouts = {c.name: c.layout for c in taps.plan.captures}
                     taps.reductions = resolve_reductions("auto", {n: tuple(h.shape[1:]) for n, h in features.items()},
-                                                         layouts=layouts)
+                                                         layouts=taps.plan.layouts)
                     features = {n: taps.reductions[n](h) for n, h in features.items()}
                 for n, f in features.items():
                     parts[n].append(f.numpy())

@@ -231,8 +231,8 @@ class FeatureCache:
         """Record the layer metadata and the taps' plan once (later splits must reuse the same captures and
         reductions)."""
         self.manifest["order"], self.manifest["layers"] = list(order), dict(layers)
-        self.manifest["plan"] = dict(plan) if plan is not None else {
-            "captures": [[n, [n, "output"], [0], "tokens"] for n in order], "skipped": {}, "mutable": []}
+        if plan is not None:
+            self.manifest["plan"] = dict(plan)
         self._save()
 
     def is_complete(self, split: str, data_fingerprint: str) -> bool:

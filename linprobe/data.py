@@ -131,11 +131,12 @@ class ArrayDataset(Dataset):
 
     def __init__(self, x: Any, y: Any) -> None:
         self.x: Any = as_tensor_tree(x)
-        self.y: Tensor = sample_labels(y.to_numpy() if hasattr(y, "to_numpy") else y)
+        self.y: Tensor = sample_labels(y)
         if isinstance(self.x, Tensor) and self.x.ndim == 0:
             raise ValueError("x is a scalar; pass an array with one row per sample, shape (N, ...)")
-        if _rows_of(self.x) != len(self.y):
-            raise ValueError(f"x has {_rows_of(self.x)} samples but y has {len(self.y)}; pass one label per row of x")
+        rows = _rows_of(self.x)
+        if rows != len(self.y):
+            raise ValueError(f"x has {rows} samples but y has {len(self.y)}; pass one label per row of x")
 
     def __len__(self) -> int:
         return len(self.y)

@@ -117,8 +117,10 @@ def _extract_shard(taps: Taps, split: Split, cache: FeatureCache, name: str, row
         batch = now["batch"]
         _check_layer(layer, reduced, now["rows"], cache, name, now["number"])
         stored = reduced.to(storage)
-        for row, what in _nonfinite({layer: reduced}, {layer: stored}).values():
-            nonfinite.setdefault(layer, {"batch": now["number"], "sample": seq + _sample_of(batch, row), "value": what})
+        found = _nonfinite(reduced, stored)
+        if found is not None and layer not in nonfinite:
+            row, what = found
+            nonfinite[layer] = {"batch": now["number"], "sample": seq + _sample_of(batch, row), "value": what}
         writer.write_layer(layer, stored)
 
     taps.stop_early, taps.sink = True, sink
@@ -188,17 +190,12 @@ def _check_layer(name: str, h: torch.Tensor, labels: int, cache: FeatureCache, s
                          "from differently shaped data)")
 
 
-def _nonfinite(reduced: Mapping[str, torch.Tensor], stored: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, str]]:
-    """For each layer with a NaN or Inf among its stored features: the first offending row of the batch and
-    what was found. One ``isfinite`` per layer and a single check per batch; the search runs only on a failure."""
-    if not stored or bool(torch.stack([f.isfinite().all() for f in stored.values()]).all()):
-        return {}
-    found = {}
-    for name, f in stored.items():
-        bad = (~f.isfinite()).any(1).nonzero()
-        if len(bad):
-            row = int(bad[0])
-            original = reduced[name][row]
-            found[name] = (row, "NaN" if original.isnan().any() else "Inf" if not original.isfinite().all()
-                           else f"a value beyond the range of {f.dtype} (extract with dtype='float32')")
-    return found
+def _nonfinite(reduced: torch.Tensor, stored: torch.Tensor) -> tuple[int, str] | None:
+    """The first row of one layer's batch holding a NaN or Inf in its stored features, and what was found; None
+    when all are finite (one ``isfinite`` per layer and batch; the search runs only on a failure)."""
+    if bool(stored.isfinite().all()):
+        return None
+    row = int((~stored.isfinite()).any(1).nonzero()[0])
+    original = reduced[row]
+    return row, ("NaN" if original.isnan().any() else "Inf" if not original.isfinite().all()
+                 else f"a value beyond the range of {stored.dtype} (extract with dtype='float32')")

@@ -129,8 +129,9 @@ def probe(model: nn.Module, train: Any, valid: Any, test: Any = None, *, layers:
     L2 path that can tip the choice of L2). A model wrapped in DistributedDataParallel is unwrapped.
     """
     started = time.time()
+    select_key = _selector_key(select)
     settings = {"layers": layers, "reduce": reduce, "feature_budget": feature_budget, "dtype": dtype,
-                "l2_path": l2_path, "batch_size": batch_size, "seed": seed, "select": _selector_key(select),
+                "l2_path": l2_path, "batch_size": batch_size, "seed": seed, "select": select_key,
                 "tokens": tokens, "repeat": repeat, "inputs": inputs, "step": step, "max_iter": max_iter,
                 "patience": patience, "warm_start": warm_start is not None, "distribute": distribute}
     if distribute not in ("rows", "layers"):
@@ -145,7 +146,7 @@ def probe(model: nn.Module, train: Any, valid: Any, test: Any = None, *, layers:
         root = Path(cache_dir) if cache_dir is not None else _temporary_root(stack)
         taps = stack.enter_context(Taps(model, layers, select=select, tokens=tokens, repeat=repeat))  # type: ignore[arg-type]
         key = cache_key(model, taps.names, reduce, budget=feature_budget, seed=seed, dtype=dtype,
-                        tokens=tokens, select=_selector_key(select), repeat=repeat, inputs=repr(spec))
+                        tokens=tokens, select=select_key, repeat=repeat, inputs=repr(spec))
         cache = stack.enter_context(FeatureCache(root / "features" / key, key).locked_by_job())
         stats = _extract_all(taps, splits, cache, reduce, feature_budget, seed, dtype, batch_size, progress)
         fit = {"l2_path": l2_path, "max_iter": max_iter, "patience": patience}
@@ -153,8 +154,9 @@ def probe(model: nn.Module, train: Any, valid: Any, test: Any = None, *, layers:
                                 distribute)
         _warn_unfinished(result, max_iter, step)
         _warn_invalid(result)
-        if cache.manifest["plan"]["skipped"]:
-            result.meta["skipped"] = dict(cache.manifest["plan"]["skipped"])
+        skipped = cache.manifest.get("plan", {}).get("skipped")
+        if skipped:
+            result.meta["skipped"] = dict(skipped)
         result.meta.update(cache=str(cache.root), extraction_samples_per_s=stats, model=type(model).__name__,
                            extracted_in_eval_mode=True, model_was_training=was_training,
                            processes=distributed.world_size(), distribute=distribute,
@@ -211,8 +213,7 @@ def _extract_all(taps: Taps, splits: Mapping[str, Split], cache: FeatureCache, r
     """Extract the splits not already complete in the cache; returns samples/s per extracted split."""
     def reductions(features: Mapping[str, torch.Tensor], plan: Plan) -> dict[str, Reduction]:
         shapes = {n: tuple(h.shape[1:]) for n, h in features.items()}
-        layouts = {c.name: c.layout for c in plan.captures}
-        chosen = resolve_reductions(reduce, shapes, budget=budget, seed=seed, layouts=layouts)
+        chosen = resolve_reductions(reduce, shapes, budget=budget, seed=seed, layouts=plan.layouts)
         cache.set_layers(list(features), {n: {"shape": list(shapes[n]), "reduction": r.to_dict(),
                                               "features": r.out_features(shapes[n])} for n, r in chosen.items()},
                          plan=plan.to_dict())

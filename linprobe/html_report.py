@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from linprobe.atomic import atomic_write_text
-from linprobe.results import ProbeResult, describe_reduction, format_value
+from linprobe.results import ProbeResult, format_value
 
 REPORT = "report.html"
 _FIGURES = {"errors.png": "Error per layer", "heatmap.png": "Error per layer and step",
@@ -39,27 +39,24 @@ def write_report(folder: str | Path, result: ProbeResult | None = None) -> Path:
 def _context(folder: Path, result: ProbeResult) -> dict[str, Any]:
     """What the template shows: the last step's per-layer table, warnings, figures, diagnostics, provenance."""
     step = result.steps[-1] if result.rows else 0
-    have = {(r.layer, r.split, r.metric): r.value for r in result.rows if r.step == step}
-    splits = [s for s in _SPLITS if any(k[1] == s and k[2] == "top1_error" for k in have)]
+    splits = [s for s in _SPLITS if any((r.step, r.split, r.metric) == (step, s, "top1_error") for r in result.rows)]
     columns = [{"label": f"{s} top-1", "split": s} for s in splits]
     if {"train", "valid"} <= set(splits):
         columns.append({"label": "gap", "split": None})
     columns.append({"label": "chance", "split": None})
     invalid = result.meta.get("invalid", {})
+    errors = {s: result.errors(s, "top1_error", step) for s in splits}
     rows = []
     for info in result.layers:
-        cells = [{"text": _fraction(have.get((info.name, s, "top1_error"))), "split": s, "metric": "top1_error",
-                  "raw": format_value(have[(info.name, s, "top1_error")])
-                  if (info.name, s, "top1_error") in have else ""}
-                 for s in splits]
+        found = {s: errors[s].get(info.name) for s in splits}
+        cells = [{"text": _fraction(found[s]), "split": s, "metric": "top1_error",
+                  "raw": "" if found[s] is None else format_value(found[s])} for s in splits]
         if {"train", "valid"} <= set(splits):
-            train, valid = have.get((info.name, "train", "top1_error")), have.get((info.name, "valid", "top1_error"))
-            cells.append({"text": _fraction(None if train is None or valid is None else valid - train), "split": None})
-        cells.append({"text": f"{info.chance_error:.3f}", "split": None})
-        rows.append({"name": info.name, "shape": "x".join(map(str, info.shape)),
-                     "features": f"{info.features_in}->{info.features_out}", "reduction": describe_reduction(
-                         info.reduction), "l2": "-" if info.l2 is None else f"{info.l2:.0e}",
-                     "invalid": invalid.get(info.name), "cells": cells})
+            gap = None if found["train"] is None or found["valid"] is None else found["valid"] - found["train"]
+            cells.append({"text": _fraction(gap), "split": None})
+        facts = info.cells()
+        cells.append({"text": facts.pop("chance"), "split": None})
+        rows.append({"name": info.name, **facts, "invalid": invalid.get(info.name), "cells": cells})
     meta = result.meta
     warnings = [f"{layer}: not converged ({why}); its errors are an unfinished fit's"
                 for layer, why in meta.get("not_converged", {}).items()]

@@ -14,9 +14,9 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
@@ -54,15 +54,16 @@ class Batch:
         """Whether each token is a sample (labels ``(B, T)``)."""
         return self.labels.dim() == 2
 
-    @property
+    @cached_property
     def token_index(self) -> Tensor | None:
-        """For token-level labels, the ``(B, T)`` positions that are samples (label != -100)."""
+        """For token-level labels, the ``(B, T)`` positions that are samples (label != -100); every hook of a
+        forward reads it, so it is computed once per batch."""
         return self.labels != IGNORE if self.token_level else None
 
     @property
     def targets(self) -> Tensor:
         """The labels of the samples, one per row the taps give: per sample, or per labelled token in order."""
-        return self.labels[self.labels != IGNORE] if self.token_level else self.labels
+        return self.labels[self.token_index] if self.token_level else self.labels
 
     def call(self, model: torch.nn.Module) -> Any:
         """Run ``model`` on the inputs: ``model(**x)`` for a mapping, ``model(*x)`` for a tuple or list, else
@@ -144,10 +145,7 @@ class Split:
             raise TypeError(f"the {name} split is a {type(data).__name__}: pass (features, labels), e.g. "
                             "(df.drop(columns='label'), df['label'])")
         if isinstance(data, (tuple, list)) and len(data) == 2:
-            x, y = data
-            if isinstance(x, Mapping) and not isinstance(y, (Tensor, np.ndarray, list, tuple)) and not _is_frame(y):
-                raise TypeError(f"the {name} split's labels are a {type(y).__name__}; pass an array of labels")
-            return cls(ArrayDataset(x, y), spec)
+            return cls(ArrayDataset(*data), spec)
         raise TypeError(f"cannot use {type(data).__name__} as the {name} split; pass an (x, y) pair of arrays or "
                         "tensors (x may be a dict of them), an ArrayDataset, or a torch Dataset or DataLoader "
                         "yielding (x, y) or a dict holding 'labels'")

@@ -161,9 +161,8 @@ class OnlineProbes(nn.Module):
     def _build(self, raw: Mapping[str, torch.Tensor]) -> None:
         """Choose reductions and create the probes on the first batch, when layer shapes are known."""
         self.shapes = {n: tuple(h.shape[1:]) for n, h in raw.items()}
-        layouts = {c.name: c.layout for c in self.taps.plan.captures} if self.taps.plan else {}
         self.reductions = resolve_reductions(self._reduce, self.shapes, budget=self._budget, seed=self._seed,
-                                             layouts=layouts)
+                                             layouts=self.taps.plan.layouts if self.taps.plan else None)
         self.taps.reductions = self.reductions
         by_width: dict[int, list[str]] = {}
         for name, shape in self.shapes.items():

@@ -208,10 +208,10 @@ def auto_reduction(shape: Sequence[int], *, budget: int = DEFAULT_FEATURE_BUDGET
     if n <= budget:
         return Flatten()
     if len(shape) == 2 and layout == "tokens":
-        tokens, width = shape
+        width = shape[1]
         if width > budget:
             return Subset.random(n, budget, seed)
-        return Pool((next(k for k in range(1, tokens + 1) if k * width > budget) - 1,), tokens=True)
+        return Pool((budget // width,), tokens=True)  # the most token groups whose features fit the budget
     if len(shape) in (2, 3) and shape[0] <= budget:
         spatial = shape[1:]
         for factor in range(2, max(spatial) + 1):

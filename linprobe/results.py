@@ -29,6 +29,12 @@ class LayerInfo:
     chance_error: float
     l2: float | None = None
 
+    def cells(self) -> dict[str, str]:
+        """The layer's facts as table text: shape, features in->out, reduction, chosen L2, chance."""
+        return {"shape": "x".join(map(str, self.shape)), "features": f"{self.features_in}->{self.features_out}",
+                "reduction": describe_reduction(self.reduction), "l2": "-" if self.l2 is None else f"{self.l2:.0e}",
+                "chance": f"{self.chance_error:.3f}"}
+
 
 @dataclass
 class Row:
@@ -114,9 +120,7 @@ class ProbeResult:
         lines = []
         for info in self.layers:
             have = {(r.split, r.metric): r.value for r in self.rows if r.step == step and r.layer == info.name}
-            cells = [info.name, "x".join(map(str, info.shape)), f"{info.features_in}->{info.features_out}",
-                     describe_reduction(info.reduction), "-" if info.l2 is None else f"{info.l2:.0e}",
-                     f"{info.chance_error:.3f}"]
+            cells = [info.name, *info.cells().values()]
             if info.name in invalid:
                 filler = [""] * (len(head) - len(cells) - 1) if markdown else []  # markdown rows need every cell
                 cells += [f"invalid: {invalid[info.name]}", *filler]

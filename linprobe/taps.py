@@ -63,6 +63,11 @@ class Target:
         base = self.module if self.kind == "output" else (INPUT if not self.module else f"{self.module}:input")
         return base if self.call is None else f"{base}#{self.call}"
 
+    @property
+    def key(self) -> tuple[str, str]:
+        """The hook this target needs: (module name, "output" or "input")."""
+        return self.module, self.kind
+
 
 @dataclass(frozen=True)
 class Capture:
@@ -82,6 +87,11 @@ class Plan:
     captures: list[Capture]
     skipped: dict[str, str] = field(default_factory=dict)
     mutable: set[str] = field(default_factory=set)
+
+    @property
+    def layouts(self) -> dict[str, str]:
+        """Each capture's layout, which the automatic reduction needs for (T, D) outputs."""
+        return {c.name: c.layout for c in self.captures}
 
     def to_dict(self) -> dict[str, Any]:
         return {"captures": [[c.name, list(c.key), list(c.calls), c.layout] for c in self.captures],
@@ -346,7 +356,7 @@ class Taps:
             return
         modules = dict(self.model.named_modules())
         self._handles.append(self.model.register_forward_pre_hook(self._on_forward, with_kwargs=True))
-        for key in dict.fromkeys(target_key(t) for t in self.targets):
+        for key in dict.fromkeys(t.key for t in self.targets):
             module = modules[key[0]] if key[0] else self.model
             self._handles.append(module.register_forward_pre_hook(self._input_hook(key), with_kwargs=True)
                                  if key[1] == "input" else module.register_forward_hook(self._output_hook(key)))
@@ -396,7 +406,7 @@ class Taps:
             raise CaptureChanged(f"the output of {', '.join(changed[:3])} was changed in place after its hook in this "
                                  "forward (not in the first one): it is copied from the next forward on")
         for name, parts in self._parts.items():
-            self.features[name] = torch.cat([p.flatten(1) for p in parts], 1) if len(parts) > 1 else parts[0]
+            self.features[name] = _joined(parts)
         missing = [c.name for c in self.plan.captures if c.name not in self.features and c.name not in self._sunk]
         if missing:
             raise LayerSelectionError(
@@ -447,11 +457,7 @@ class Taps:
         capture = self._wanted.get((key, call))
         if capture is None:
             return
-        if self.select is None and type(output) is torch.Tensor:  # the common case, without the general lookup
-            tensor = output.detach()
-            tensor = self._dense(tensor) if tensor.is_nested else tensor
-        else:
-            tensor = self._selected(capture.name, output)
+        tensor = self._selected(capture.name, output)
         h = self._finish(capture, self._tokens(tensor, capture.layout))
         self._left -= 1
         if self.sink is not None and len(capture.calls) == 1:
@@ -510,7 +516,7 @@ class Taps:
         position = {id(r): i for i, r in enumerate(self._records)}  # when each call's output was produced
         order: dict[str, int] = {}
         for key, records in by_key.items():
-            for target in (t for t in self.targets if (t.module, t.kind) == key):
+            for target in (t for t in self.targets if t.key == key):
                 for name, calls, record in self._choose(target, records):
                     reason = self._unfit(record, batch, target.explicit)
                     same = _same_values(record)
@@ -526,7 +532,7 @@ class Taps:
                         plan.mutable.add(name)
                     plan.captures.append(Capture(name, key, calls, record.layout))
                     order[name] = min(position[id(r)] for r in records if r.call in calls)
-        missing = [t for t in self.targets if (t.module, t.kind) not in by_key]
+        missing = [t for t in self.targets if t.key not in by_key]
         named = [t.name for t in missing if t.explicit]
         if named:
             raise LayerSelectionError(
@@ -563,8 +569,8 @@ class Taps:
         empty = next((r for r in records if r.tensor is None), None)
         if empty is not None:
             return [(target.name, calls, empty)]
-        joined = torch.cat([self._tokens(r.tensor, r.layout).flatten(1) for r in records], 1)
-        return [(target.name, calls, _Record(target_key(target), 0, joined, None, _identity(joined), "tokens"))]
+        joined = _joined([self._tokens(r.tensor, r.layout) for r in records])
+        return [(target.name, calls, _Record(target.key, 0, joined, None, _identity(joined), "tokens"))]
 
     def _unfit(self, record: _Record, batch: Batch, explicit: bool) -> str | None:
         """Why a recorded output cannot be probed, or None."""
@@ -592,28 +598,30 @@ class Taps:
         index = {(*r.key, r.call): r for r in self._records}
         out: dict[str, torch.Tensor] = {}
         for c in self.plan.captures:
-            parts = [self._finish(c, self._tokens(index[(*c.key, k)].tensor, c.layout)) for k in c.calls]
-            out[c.name] = torch.cat([p.flatten(1) for p in parts], 1) if len(parts) > 1 else parts[0]
+            out[c.name] = _joined([self._finish(c, self._tokens(index[(*c.key, k)].tensor, c.layout))
+                                   for k in c.calls])
         return out
 
     # per-capture processing ------------------------------------------------------------------------------------
 
     def _selected(self, name: str, output: Any) -> torch.Tensor:
         """The detached tensor a tap keeps from one output; a clear error when there is none."""
-        base = name.partition("#")[0]
-        select = self.select.get(base, default_select) if isinstance(self.select, Mapping) else self.select
-        h = (select or default_select)(output)
-        if not isinstance(h, torch.Tensor):
-            raise LayerSelectionError(
-                f"layer {base!r} returned {type(output).__name__} with no tensor in it; pass select={{{base!r}: fn}} "
-                "with a function that picks the tensor to probe")
-        return self._dense(h.detach())
+        if self.select is None and type(output) is torch.Tensor:  # the common case, on every hook: no lookups
+            h = output
+        else:
+            base = name.partition("#")[0]
+            select = self.select.get(base, default_select) if isinstance(self.select, Mapping) else self.select
+            h = (select or default_select)(output)
+            if not isinstance(h, torch.Tensor):
+                raise LayerSelectionError(
+                    f"layer {base!r} returned {type(output).__name__} with no tensor in it; pass "
+                    f"select={{{base!r}: fn}} with a function that picks the tensor to probe")
+        h = h.detach()
+        return self._dense(h) if h.is_nested else h
 
     def _dense(self, h: torch.Tensor) -> torch.Tensor:
         """A nested (variable-length) tensor, as ``nn.TransformerEncoder`` makes of padded batches, padded with
         zeros to the batch's token mask."""
-        if not h.is_nested:
-            return h
         mask = self._batch.mask if self._batch is not None else None
         if mask is not None and h.dim() == 3:
             width = h.unbind()[0].shape[-1]
@@ -627,7 +635,7 @@ class Taps:
             return h
         if batch.token_level:
             index = batch.token_index
-            return h[index.to(h.device)] if h.dim() >= 3 and h.shape[:2] == index.shape else h
+            return h[index.to(h.device)] if h.shape[:2] == index.shape else h
         mask = batch.mask if batch.mask is not None and h.dim() == 3 and h.shape[1] == batch.mask.shape[1] else None
         return reduce_tokens(h, self.tokens, mask)
 
@@ -643,9 +651,9 @@ def _base_name(key: tuple[str, str]) -> str:
     return module if kind == "output" else f"{module}:input" if module else INPUT
 
 
-def target_key(target: Target) -> tuple[str, str]:
-    """The hook a target needs: (module name, "output" or "input")."""
-    return target.module, target.kind
+def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
+    """The calls of a repeated module as one capture: each call's output flattened, in call order."""
+    return torch.cat([p.flatten(1) for p in parts], 1) if len(parts) > 1 else parts[0]
 
 
 def _identity(t: torch.Tensor) -> tuple[Any, ...]:
