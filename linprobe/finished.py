@@ -33,7 +33,7 @@ from linprobe.probes import LinearProbe, ProbeBank
 from linprobe.provenance import provenance
 from linprobe.reduce import DEFAULT_FEATURE_BUDGET, ReduceSpec, Reduction, Standardizer, reduction_from_dict, resolve_reductions
 from linprobe.results import LayerInfo, ProbeResult
-from linprobe.solvers import DEFAULT_L2_PATH
+from linprobe.solvers import DEFAULT_L2_PATH, FitSettings, fit_paths, group_key
 from linprobe.taps import LayerSpec, Plan, RepeatPolicy, Selector, Taps, TokenReduction, frozen
 
 log = logging.getLogger(__name__)
@@ -136,6 +136,7 @@ def probe(model: nn.Module, train: Any, valid: Any, test: Any = None, *, layers:
                 "patience": patience, "warm_start": warm_start is not None, "distribute": distribute}
     if distribute not in ("rows", "layers"):
         raise ValueError(f"distribute must be 'rows' or 'layers', not {distribute!r}")
+    fit = FitSettings(l2_path=tuple(l2_path), max_iter=max_iter, patience=patience)
     distributed.init_from_env()
     model = distributed.unwrap(model)
     spec = inputs or InputSpec()
@@ -149,7 +150,6 @@ def probe(model: nn.Module, train: Any, valid: Any, test: Any = None, *, layers:
                         tokens=tokens, select=select_key, repeat=repeat, inputs=repr(spec))
         cache = stack.enter_context(FeatureCache(root / "features" / key, key).locked_by_job())
         stats = _extract_all(taps, splits, cache, reduce, feature_budget, seed, dtype, batch_size, progress)
-        fit = {"l2_path": l2_path, "max_iter": max_iter, "patience": patience}
         result, bank = _fit_all(cache, "test" in splits, fit, model_device(model), step, progress, warm_start,
                                 distribute)
         _warn_unfinished(result, max_iter, step)
@@ -232,6 +232,7 @@ def _extract_all(taps: Taps, splits: Mapping[str, Split], cache: FeatureCache, r
 
 
 _BLOCK_BYTES = 16 << 20  # rows are read ~16 MiB (as float64) at a time, whatever the layer's width
+_BATCH_BYTES = 2 << 30  # the standardised layers fitted together as one batch take at most this much scratch
 
 
 def _blocks(raw: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
@@ -241,39 +242,64 @@ def _blocks(raw: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
         yield start, raw[start:start + rows]
 
 
-def _standardized(raw: np.ndarray, standardizer: Standardizer, device: torch.device, scratch: Path) -> torch.Tensor:
-    """Cached features, standardised chunk by chunk: in a GPU's memory, or on the CPU in an unlinked memory-mapped
-    file under ``scratch``, so the fit's passes read the layer through the page cache, which the OS can evict,
+def _scratch(shape: tuple[int, ...], device: torch.device, folder: Path) -> torch.Tensor:
+    """An uninitialised float32 tensor for the fit: in a GPU's memory, or on the CPU in an unlinked memory-mapped
+    file under ``folder``, so the fit's passes read the layers through the page cache, which the OS can evict,
     instead of anonymous memory: the fit's memory stays flat in N (docs/benchmarks.md)."""
     if device.type != "cpu":
-        return standardizer.apply_(torch.from_numpy(np.array(raw, dtype=np.float32)).to(device))
-    fd, path = tempfile.mkstemp(dir=scratch, prefix=".fit-", suffix=".npy")
+        return torch.empty(shape, device=device)
+    fd, path = tempfile.mkstemp(dir=folder, prefix=".fit-", suffix=".npy")
     os.close(fd)
     try:
-        out = open_reserved(Path(path), raw.shape, np.float32)
+        out = open_reserved(Path(path), shape, np.float32)
     except OSError as e:
         if e.errno != errno.ENOSPC:
             raise
-        raise CacheError(f"disk full: the fit's standardised copy of a layer ({raw.size * 4 / 2**20:.0f} MiB) does "
-                         f"not fit in {scratch}: free some space there") from None
+        raise CacheError(f"disk full: the fit's standardised copy of the layers ({np.prod(shape) * 4 / 2**20:.0f} MiB) "
+                         f"does not fit in {folder}: free some space there") from None
     finally:
         os.unlink(path)  # the mapping keeps the data; the file is gone when the tensor is, even after a kill
-    for start, block in _blocks(raw):
-        out[start:start + len(block)] = standardizer(torch.from_numpy(np.array(block, dtype=np.float32)))
     return torch.from_numpy(out)
+
+
+def _standardize_into(out: torch.Tensor, raw: np.ndarray, standardizer: Standardizer) -> torch.Tensor:
+    """Cached features standardised block by block into ``out``."""
+    for start, block in _blocks(raw):
+        out[start:start + len(block)] = standardizer(torch.from_numpy(np.array(block, dtype=np.float32))).to(out.device)
+    return out
+
+
+def _standardized(raw: np.ndarray, standardizer: Standardizer, device: torch.device, scratch: Path) -> torch.Tensor:
+    """One split of one layer, standardised into fresh scratch."""
+    return _standardize_into(_scratch(raw.shape, device, scratch), raw, standardizer)
 
 
 def _labels(cache: FeatureCache, split: str, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(np.array(cache.labels(split))).to(device)
 
 
-def _fit_all(cache: FeatureCache, has_test: bool, fit: Mapping[str, Any], device: torch.device, step: int,
+def _batches(cache: FeatureCache, names: list[str], rows: int) -> list[list[str]]:
+    """The layers in batches fitted together: one width (or all fitted in their row space), in execution order,
+    each batch's standardised copy within ``_BATCH_BYTES``."""
+    groups: dict[int, list[list[str]]] = {}
+    for name in names:
+        width = cache.layers[name]["features"]
+        batches = groups.setdefault(group_key(rows, width), [[]])
+        size = sum(cache.layers[n]["features"] for n in batches[-1]) * rows * 4
+        if batches[-1] and size + width * rows * 4 > _BATCH_BYTES:
+            batches.append([])
+        batches[-1].append(name)
+    return [batch for batches in groups.values() for batch in batches]
+
+
+def _fit_all(cache: FeatureCache, has_test: bool, fit: FitSettings, device: torch.device, step: int,
              progress: bool, warm_start: ProbeBank | None = None,
              distribute: str = "rows") -> tuple[ProbeResult, ProbeBank]:
     """Fit one probe per valid cached layer (L2 chosen on valid), then evaluate every probe once on test.
 
-    Under torch.distributed, ``distribute="rows"`` fits each layer on this rank's rows with the other ranks
-    (``sharded``); ``"layers"`` fits this rank's layers on all rows and gathers every rank's probes.
+    Layers of one width are fitted together (``solvers.fit_paths``). Under torch.distributed, ``distribute="rows"``
+    fits each layer on this rank's rows with the other ranks (``sharded``); ``"layers"`` fits this rank's layers on
+    all rows and gathers every rank's probes.
     """
     sharded = distribute == "rows" and distributed.world_size() > 1
     splits = ("train", "valid", "test") if has_test else ("train", "valid")
@@ -282,26 +308,42 @@ def _fit_all(cache: FeatureCache, has_test: bool, fit: Mapping[str, Any], device
     classes = _classes(y_train)
     y_train, y_valid = _encode(y_train, classes, "train"), _encode(_labels(cache, "valid", device), classes, "valid")
     chance = chance_error(y_train, len(classes))
+    n_train = len(y_train)
     y_train, y_valid = y_train[rows["train"]], y_valid[rows["valid"]]
     invalid = _invalid_layers(cache, splits)
     fitted: dict[str, tuple[LinearProbe, dict[str, dict[str, float]]]] = {}
     read_seconds = 0.0
+    names = _my_layers(cache, invalid, distribute)
     quiet = not progress or distributed.rank() != 0
-    bar = tqdm(_my_layers(cache, invalid, distribute), desc="fit probes", unit="layer", disable=quiet, leave=False)
-    for name in bar:
-        bar.set_postfix_str(name, refresh=False)  # the layer being fitted, not only how many are done
-        meta = cache.layers[name]
-        probe = LinearProbe(name, reduction_from_dict(meta["reduction"]), meta["features"], len(classes)).to(device)
-        raw = cache.features("train", name, rows=rows["train"])
-        standardizer = _standardizer(raw) if sharded else Standardizer.fit(block for _, block in _blocks(raw))
+    bar = tqdm(total=len(names) * len(fit.path), desc="fit probes", unit="fit", disable=quiet, leave=False)
+    for batch in _batches(cache, names, n_train):
+        width = cache.layers[batch[0]]["features"]
+        bar.set_postfix_str(f"{batch[0]}{f' and {len(batch) - 1} more' if len(batch) > 1 else ''} ({width} features)",
+                            refresh=False)  # the layers being fitted, not only how many are done
+        probes = [LinearProbe(name, reduction_from_dict(cache.layers[name]["reduction"]), cache.layers[name]["features"],
+                              len(classes)).to(device) for name in batch]
+        raws = [cache.features("train", name, rows=rows["train"]) for name in batch]
+        stds = [_standardizer(raw) if sharded else Standardizer.fit(block for _, block in _blocks(raw)) for raw in raws]
         start = time.perf_counter()
-        x_train = _standardized(raw, standardizer, device, cache.root)
+        if len({raw.shape[1] for raw in raws}) == 1:  # stacked: evaluated with batched products
+            x_train = _scratch((len(batch), *raws[0].shape), device, cache.root)
+            for x, raw, std in zip(x_train, raws, stds):
+                _standardize_into(x, raw, std)
+        else:
+            x_train = [_standardized(raw, std, device, cache.root) for raw, std in zip(raws, stds)]
         read_seconds += time.perf_counter() - start
-        x_valid = _standardized(cache.features("valid", name, rows=rows["valid"]), standardizer, device, cache.root)
-        probe.fit(x_train, y_train, x_valid, y_valid, standardizer=standardizer, init=_earlier(warm_start, probe),
-                  sharded=sharded, standardized=True, **fit)
-        fitted[name] = probe, {split: _metrics(probe.logits(x), y, sharded)
-                               for split, x, y in (("train", x_train, y_train), ("valid", x_valid, y_valid))}
+        x_valid = [_standardized(cache.features("valid", name, rows=rows["valid"]), std, device, cache.root)
+                   for name, std in zip(batch, stds)]
+        inits = [_earlier(warm_start, p) for p in probes]
+        paths = fit_paths(x_train, y_train, x_valid, y_valid, len(classes), fit,
+                          inits=[p.weights() if p is not None else None for p in inits], sharded=sharded,
+                          scratch=lambda shape: _scratch(shape, device, cache.root), on_fit=bar.update)
+        for probe, path, std, xt, xv in zip(probes, paths, stds, x_train, x_valid):
+            probe.adopt(path, std)
+            fitted[probe.layer] = probe, {split: _metrics(probe.logits(x), y, sharded)
+                                          for split, x, y in (("train", xt, y_train), ("valid", xv, y_valid))}
+        del x_train, x_valid
+    bar.close()
     if has_test:  # the first and only read of the test labels, after every probe is chosen
         y_test = _encode(_labels(cache, "test", device), classes, "test")[rows["test"]]
         for name, (probe, found) in fitted.items():

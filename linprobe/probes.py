@@ -17,7 +17,7 @@ from torch import nn
 
 from linprobe.atomic import atomic_write_bytes, atomic_write_text
 from linprobe.reduce import Reduction, Standardizer, reduction_from_dict
-from linprobe.solvers import DEFAULT_L2_PATH, LinearWeights, PathResult, fit_l2_path
+from linprobe.solvers import DEFAULT_L2_PATH, FitSettings, LinearWeights, PathResult, fit_paths
 
 
 class LinearProbe(nn.Module):
@@ -63,12 +63,18 @@ class LinearProbe(nn.Module):
         self.mean.copy_(std.mean), self.std.copy_(std.std)
         if not standardized:
             x_train, x_valid = self.standardize(x_train.float()), self.standardize(x_valid.float())
-        path = fit_l2_path(x_train, y_train, x_valid, y_valid,
-                           self.num_classes, l2_path=l2_path, max_iter=max_iter, patience=patience,
-                           init=init.weights() if init is not None else None, sharded=sharded)
+        settings = FitSettings(l2_path=l2_path, max_iter=max_iter, patience=patience)
+        path = fit_paths([x_train], y_train, [x_valid], y_valid, self.num_classes, settings,
+                         inits=[init.weights() if init is not None else None], sharded=sharded)[0]
+        self.adopt(path, std)
+        return path
+
+    @torch.no_grad()
+    def adopt(self, path: PathResult, standardizer: Standardizer) -> None:
+        """Take the chosen probe of a fitted path, whose features were standardised with ``standardizer``."""
+        self.mean.copy_(standardizer.mean), self.std.copy_(standardizer.std)
         self.weight.copy_(path.best.weights.W), self.bias.copy_(path.best.weights.b)
         self.l2, self.iterations, self.converged = path.best_l2, path.best.iterations, path.best.converged
-        return path
 
     def weights(self) -> LinearWeights:
         """A detached copy of (W, b), in this probe's standardised feature space."""

@@ -204,7 +204,7 @@ def test_disk_full_for_the_fits_scratch_copy_is_a_clear_error_that_leaves_nothin
         real(fd, offset, length)
 
     monkeypatch.setattr(cache_module.os, "posix_fallocate", no_space_for_scratch, raising=False)
-    with pytest.raises(CacheError, match=r"disk full: the fit's standardised copy of a layer .* free some space"):
+    with pytest.raises(CacheError, match=r"disk full: the fit's standardised copy of the layers .* free some space"):
         lp.probe(nn.Identity(), _data(), _data(seed=1), layers="input", cache_dir=tmp_path, **FAST)
     assert not list(tmp_path.rglob(".fit-*"))
     assert list(tmp_path.glob("features/*/train/*"))  # the extracted features are kept for the next run
