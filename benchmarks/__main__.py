@@ -17,7 +17,7 @@ from threadpoolctl import threadpool_limits
 
 from benchmarks.timing import Row, markdown
 
-WORKLOADS = ("live_cost", "finished_model", "cache_rates", "scaling", "solver_floor", "resnet_memory")
+WORKLOADS = ("live_cost", "finished_model", "cache_rates", "scaling", "solver_floor", "resnet_memory", "fashion_pixels")
 
 
 def machine() -> str:

@@ -234,7 +234,7 @@ class _Problems:
             mu = total / n
             ones = gram.sum(1) / n
             gram = gram - ones[:, None] - ones[None, :] + ones.mean()  # the Gram matrix of the centred rows
-            s, u = torch.linalg.eigh(gram)
+            s, u = (t.double() for t in torch.linalg.eigh(gram.float()))
             keep = s > 1e-7 * s.max().clamp_min(1e-300)  # below: float32 rounding of the Gram matrix
             s = torch.where(keep, s, torch.zeros_like(s))
             z.copy_((u * s.sqrt()).float())

@@ -264,3 +264,101 @@ def test_row_space_fit_equals_primal_fit_on_a_wide_layer(monkeypatch):
     rel = (wide.best.weights.W - primal.best.weights.W).norm() / primal.best.weights.W.norm()
     assert rel < 1e-3
     torch.testing.assert_close(wide.best.weights.b, primal.best.weights.b, atol=1e-3, rtol=1e-3)
+
+
+def _layers(seed: int, n: int, count: int, d: int = 40, c: int = 4):
+    """``count`` related layers of one width: a shared latent seen through a different random map per layer."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, 8, generator=torch.Generator().manual_seed(7 + seed))
+    y = (z[:, :c] + 0.7 * torch.randn(n, c, generator=torch.Generator().manual_seed(11 + seed))).argmax(1)
+    maps = [torch.randn(8, d, generator=torch.Generator().manual_seed(100 + i)) * (1 + i) for i in range(count)]
+    return [z @ m + 0.3 * torch.randn(n, d, generator=g) for m in maps], y
+
+
+def test_batched_fits_equal_one_at_a_time():
+    """Layers fitted together (stacked, batched products) choose the same L2 and reach the same probes as alone."""
+    from linprobe.solvers import FitSettings, fit_paths
+
+    train, ytr = _layers(0, 600, 5)
+    valid, yv = _layers(1, 300, 5)
+    settings = FitSettings(tol=1e-6)
+    together = fit_paths(torch.stack(train), ytr, valid, yv, 4, settings)
+    for x, v, joint in zip(train, valid, together):
+        alone = fit_paths([x], ytr, [v], yv, 4, settings)[0]
+        assert joint.best_l2 == alone.best_l2
+        assert [p.l2 for p in joint.path] == [p.l2 for p in alone.path]
+        assert joint.best.converged and alone.best.converged
+        rel = (joint.best.weights.W - alone.best.weights.W).norm() / alone.best.weights.W.norm()
+        assert rel < 1e-3
+    mixed = fit_paths([train[0], torch.randn(600, 7)], ytr, [valid[0], torch.randn(300, 7)], yv, 4, settings)
+    assert mixed[0].best_l2 == together[0].best_l2 and mixed[1].best.weights.W.shape == (7, 4)  # widths grouped
+
+
+def test_uncentred_badly_scaled_features_match_sklearn():
+    """Raw features (means far from 0, scales 0.1..10): the solver's centred, preconditioned coordinates change
+    nothing in the objective. scikit-learn's lbfgs does not converge on such features in 15,000 evaluations, but the
+    optimal W does not depend on the features' means (the bias absorbs them): scikit-learn on the centred features,
+    run to 1e-10, is the reference for W and the objective."""
+    from sklearn.linear_model import LogisticRegression
+
+    (x,), y = _layers(2, 800, 1)
+    scales = torch.logspace(-1, 1, x.shape[1])
+    centred = (x - x.mean(0)) * scales
+    raw = centred + 5 * scales
+    l2 = 1e-3
+    sk = LogisticRegression(C=sklearn_C(l2, len(y)), solver="lbfgs", max_iter=20000, tol=1e-10)
+    sk.fit(centred.double().numpy(), y.numpy())
+    res = fit_logistic(raw, y, 4, l2, tol=1e-7, max_iter=2000)
+    assert res.converged
+    W_sk = sk.coef_.T
+    assert np.linalg.norm(res.weights.W.double().numpy() - W_sk) <= 1e-2 * np.linalg.norm(W_sk)
+    p = sk.predict_proba(centred.double().numpy())[np.arange(len(y)), y.numpy()]
+    sk_objective = float(np.mean(-np.log(p)) + 0.5 * l2 * np.sum(W_sk ** 2))
+    assert res.loss == pytest.approx(sk_objective, rel=1e-5, abs=1e-7)
+    assert np.mean(res.weights.logits(raw).argmax(1).numpy() == sk.predict(centred.double().numpy())) >= 0.995
+
+
+def test_pathological_layers_converge():
+    """Collapsed features (every row the same up to float noise), a constant layer and pure noise: every fit
+    converges (no max_iter) with finite weights, and the probes sit at chance."""
+    from linprobe.solvers import FitSettings, fit_paths
+
+    g = torch.Generator().manual_seed(5)
+    n, d = 500, 32
+    y = torch.arange(n) % 4
+    yv = torch.arange(200) % 4
+    collapsed = torch.ones(n, d) * 3.0 + 1e-6 * torch.randn(n, d, generator=g)
+    constant = torch.full((n, d), -2.0)
+    noise = torch.randn(n, d, generator=g)
+    valid = [torch.ones(200, d) * 3.0, torch.full((200, d), -2.0), torch.randn(200, d, generator=g)]
+    found = fit_paths(torch.stack([collapsed, constant, noise]), y, valid, yv, 4, FitSettings(max_iter=200))
+    for res in found:
+        assert res.best.converged and all(p.converged for p in res.path)
+        assert torch.isfinite(res.best.weights.W).all() and torch.isfinite(res.best.weights.b).all()
+        assert max(p.iterations for p in res.path) < 200
+        assert min(p.valid_top1_error for p in res.path) >= 0.6
+
+
+def test_batched_lbfgs_solves_quadratics_exactly():
+    """Independent strongly convex quadratics of very different conditioning, solved in one batch: each reaches
+    its own minimiser; one given a zero iteration budget stops where it started, unconverged."""
+    from linprobe.lbfgs import minimize
+
+    g = torch.Generator().manual_seed(0)
+    A = torch.stack([torch.diag(torch.logspace(0, k, 6)) for k in (0, 2, 4)])
+    Q = torch.linalg.qr(torch.randn(3, 6, 6, generator=g)).Q
+    H = Q @ A @ Q.transpose(1, 2)
+    b = torch.randn(3, 6, generator=g)
+
+    def objective(index, theta):
+        Hi, bi = H[index], b[index]
+        grad = torch.bmm(Hi, theta[:, :, None]).squeeze(2) - bi
+        loss = (0.5 * (theta * (grad - bi)).sum(1)).double()
+        return loss, grad, grad.abs().amax(1).double()
+
+    out = minimize(objective, torch.zeros(3, 6), lambda index, v: v.clone(), torch.full((3,), 1e-5),
+                   max_iter=torch.tensor([200, 200, 0]))
+    want = torch.linalg.solve(H, b)
+    torch.testing.assert_close(out.theta[:2], want[:2], rtol=1e-3, atol=1e-4)
+    assert out.converged[:2].all() and not out.converged[2] and out.iterations[2] == 0
+    assert torch.equal(out.theta[2], torch.zeros(6))
