@@ -76,6 +76,8 @@ def _add_probe_options(p: argparse.ArgumentParser, out_help: str) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--max-iter", type=_positive, default=500, help="L-BFGS iterations per L2 (default 500)")
+    p.add_argument("--no-standardize", action="store_true",
+                   help="fit the probes on the raw features instead of standardised ones (see docs/benchmarks.md)")
     p.add_argument("--device", type=_device, default=torch.device("cpu"),
                    help="where the model runs and the probes are fitted: cpu (default), cuda, cuda:1, ...")
     p.add_argument("--config", help="a TOML file whose keys mirror these flags (flags given here override it); every "
@@ -151,7 +153,7 @@ def _splits(args: argparse.Namespace) -> dict[str, Any]:
 def _probe_options(args: argparse.Namespace) -> dict[str, Any]:
     return {"layers": args.layers, "reduce": args.reduce, "feature_budget": args.budget, "dtype": args.dtype,
             "batch_size": args.batch_size, "seed": args.seed, "progress": not args.quiet,
-            "max_iter": args.max_iter, "distribute": args.distribute}
+            "max_iter": args.max_iter, "distribute": args.distribute, "standardize": not args.no_standardize}
 
 
 def _print_result(result: ProbeResult, wrote: str) -> None:

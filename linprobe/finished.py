@@ -92,7 +92,7 @@ def probe(model: nn.Module, train: Any, valid: Any, test: Any = None, *, layers:
           select: Selector | Mapping[str, Selector] | None = None, tokens: TokenReduction = "auto",
           repeat: RepeatPolicy = "each", inputs: InputSpec | None = None, step: int = 0, progress: bool = True,
           plot: bool = True, max_iter: int = 500, patience: int | None = 2, warm_start: ProbeBank | None = None,
-          distribute: str = "rows") -> ProbeResult:
+          distribute: str = "rows", standardize: bool = True) -> ProbeResult:
     """Probe every chosen layer of a finished model: train / valid (/ test) error, top-5, cross-entropy.
 
     Data are ``(x, y)`` arrays or tensors (``x`` of any dtype, or a tuple / dict of them: ``model(*x)``,
@@ -116,7 +116,10 @@ def probe(model: nn.Module, train: Any, valid: Any, test: Any = None, *, layers:
 
     ``max_iter`` (L-BFGS iterations per L2) and ``patience`` (stop the L2 path after that many rises
     of valid cross-entropy; None fits it all) set the solver; ``warm_start`` (the ``probes`` of an
-    earlier result, e.g. the previous checkpoint) starts each layer's fit from its earlier probe.
+    earlier result, e.g. the previous checkpoint) starts each layer's fit from its earlier probe. Layers of one
+    width are fitted together (``solvers.fit_paths``). ``standardize`` (default) centres and scales every feature
+    with the training statistics before the fit (the L2 then weighs every feature alike); ``False`` fits the raw
+    features (the solver is preconditioned, so this costs no speed; docs/benchmarks.md compares both).
 
     Under ``torchrun`` (or in a caller's torch.distributed job) every rank calls ``probe`` with the same
     arguments: each rank extracts its own contiguous share of every split into its own cache shard
@@ -133,7 +136,8 @@ def probe(model: nn.Module, train: Any, valid: Any, test: Any = None, *, layers:
     settings = {"layers": layers, "reduce": reduce, "feature_budget": feature_budget, "dtype": dtype,
                 "l2_path": l2_path, "batch_size": batch_size, "seed": seed, "select": select_key,
                 "tokens": tokens, "repeat": repeat, "inputs": inputs, "step": step, "max_iter": max_iter,
-                "patience": patience, "warm_start": warm_start is not None, "distribute": distribute}
+                "patience": patience, "warm_start": warm_start is not None, "distribute": distribute,
+                "standardize": standardize}
     if distribute not in ("rows", "layers"):
         raise ValueError(f"distribute must be 'rows' or 'layers', not {distribute!r}")
     fit = FitSettings(l2_path=tuple(l2_path), max_iter=max_iter, patience=patience)
@@ -151,7 +155,7 @@ def probe(model: nn.Module, train: Any, valid: Any, test: Any = None, *, layers:
         cache = stack.enter_context(FeatureCache(root / "features" / key, key).locked_by_job())
         stats = _extract_all(taps, splits, cache, reduce, feature_budget, seed, dtype, batch_size, progress)
         result, bank = _fit_all(cache, "test" in splits, fit, model_device(model), step, progress, warm_start,
-                                distribute)
+                                distribute, standardize)
         _warn_unfinished(result, max_iter, step)
         _warn_invalid(result)
         skipped = cache.manifest.get("plan", {}).get("skipped")
@@ -293,8 +297,8 @@ def _batches(cache: FeatureCache, names: list[str], rows: int) -> list[list[str]
 
 
 def _fit_all(cache: FeatureCache, has_test: bool, fit: FitSettings, device: torch.device, step: int,
-             progress: bool, warm_start: ProbeBank | None = None,
-             distribute: str = "rows") -> tuple[ProbeResult, ProbeBank]:
+             progress: bool, warm_start: ProbeBank | None = None, distribute: str = "rows",
+             standardize: bool = True) -> tuple[ProbeResult, ProbeBank]:
     """Fit one probe per valid cached layer (L2 chosen on valid), then evaluate every probe once on test.
 
     Layers of one width are fitted together (``solvers.fit_paths``). Under torch.distributed, ``distribute="rows"``
@@ -323,7 +327,8 @@ def _fit_all(cache: FeatureCache, has_test: bool, fit: FitSettings, device: torc
         probes = [LinearProbe(name, reduction_from_dict(cache.layers[name]["reduction"]), cache.layers[name]["features"],
                               len(classes)).to(device) for name in batch]
         raws = [cache.features("train", name, rows=rows["train"]) for name in batch]
-        stds = [_standardizer(raw) if sharded else Standardizer.fit(block for _, block in _blocks(raw)) for raw in raws]
+        stds = [_standardizer(raw, standardize) if sharded or not standardize
+                else Standardizer.fit(block for _, block in _blocks(raw)) for raw in raws]
         start = time.perf_counter()
         if len({raw.shape[1] for raw in raws}) == 1:  # stacked: evaluated with batched products
             x_train = _scratch((len(batch), *raws[0].shape), device, cache.root)
@@ -378,9 +383,12 @@ def _my_layers(cache: FeatureCache, invalid: Mapping[str, Any], distribute: str)
     return [name for name, r in zip(names, owner) if r == distributed.rank()]
 
 
-def _standardizer(raw: np.ndarray) -> Standardizer:
+def _standardizer(raw: np.ndarray, standardize: bool = True) -> Standardizer:
     """The training statistics of every rank's rows ``raw`` together, in float64 and two passes (collectives: all
-    ranks call it for the same layer, unlike ``Standardizer.fit``, which a rank fitting its own layers uses)."""
+    ranks call it for the same layer, unlike ``Standardizer.fit``, which a rank fitting its own layers uses); the
+    identity when not ``standardize``."""
+    if not standardize:
+        return Standardizer(torch.zeros(raw.shape[1]), torch.ones(raw.shape[1]))
     n = distributed.total(len(raw), torch.device("cpu"))
     if n == 0:
         raise ValueError("cannot standardise an empty training split")

@@ -210,3 +210,21 @@ def test_a_fit_stopped_by_max_iter_is_reported_and_warned(digits_splits):
         full = lp.probe(nn.Identity(), train, valid, test, layers="input", progress=False)
     assert "not_converged" not in full.meta and full.probes["input"].converged is True
     assert 3 < full.probes["input"].iterations <= 500
+
+
+def test_raw_features_without_standardising(digits_splits):
+    """``standardize=False`` fits the raw features (identity statistics in the probe) to scikit-learn's optimum on
+    the same raw features; the probe reads raw layer outputs either way."""
+    train, valid, test = digits_splits
+    raw = lp.probe(nn.Flatten(), train, valid, test, layers="input", standardize=False, progress=False,
+                   l2_path=(1e-2,))
+    probe = raw.probes["input"]
+    assert torch.equal(probe.mean, torch.zeros_like(probe.mean)) and torch.equal(probe.std, torch.ones_like(probe.std))
+    x, y = train.x.flatten(1).double().numpy(), train.y.numpy()
+    sk = LogisticRegression(C=lp.solvers.sklearn_C(1e-2, len(y)), max_iter=5000, tol=1e-8).fit(x, y)
+    xt = test.x.flatten(1)
+    agree = (probe(xt).argmax(1).numpy() == sk.predict(xt.double().numpy())).mean()
+    assert agree >= 0.99
+    assert raw.value("input", "test") == pytest.approx(float((sk.predict(xt.double().numpy()) != test.y.numpy()).mean()),
+                                                       abs=0.01)
+    assert raw.meta["provenance"]["settings"]["standardize"] is False
