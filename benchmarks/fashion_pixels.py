@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import tempfile
 
-import torch
 from torch import nn
 
 import linprobe as lp
@@ -41,7 +40,7 @@ def run(quick: bool) -> tuple[list[Row], str]:
     result, t_ours = seconds(lambda: ours(data, max_iter))
     x = {s: d.x.flatten(1).numpy() for s, d in data.items()}
     y = {s: d.y.numpy() for s, d in data.items()}
-    (sk_valid, sk_test), t_sk = seconds(lambda: sklearn_path(x, y, DEFAULT_L2_PATH, max_iter))
+    (_, sk_test), t_sk = seconds(lambda: sklearn_path(x, y, DEFAULT_L2_PATH, max_iter))
     test = result.value("input", "test")
     converged = "input" not in result.meta.get("not_converged", {})
     gap = abs(test - sk_test) * 100

@@ -31,7 +31,14 @@ from linprobe.inputs import InputSpec, Split, as_splits
 from linprobe.metrics import balanced_error, chance_error, classification_metrics
 from linprobe.probes import LinearProbe, ProbeBank
 from linprobe.provenance import provenance
-from linprobe.reduce import DEFAULT_FEATURE_BUDGET, ReduceSpec, Reduction, Standardizer, reduction_from_dict, resolve_reductions
+from linprobe.reduce import (
+    DEFAULT_FEATURE_BUDGET,
+    ReduceSpec,
+    Reduction,
+    Standardizer,
+    reduction_from_dict,
+    resolve_reductions,
+)
 from linprobe.results import LayerInfo, ProbeResult
 from linprobe.solvers import DEFAULT_L2_PATH, FitSettings, fit_paths, group_key
 from linprobe.taps import LayerSpec, Plan, RepeatPolicy, Selector, Taps, TokenReduction, frozen

@@ -198,7 +198,7 @@ class _Problems:
             if sharded:
                 xs = [distributed.all_gather_rows(x) for x in xs]
                 y = distributed.all_gather_rows(y)
-            return cls._row_space(xs, y, num_classes, scratch or _memory)
+            return cls._row_space(xs, y, num_classes, scratch or (lambda shape: torch.empty(shape, device=xs[0].device)))
         if stacked is None and 1 < len(xs) and sum(x.numel() for x in xs) * 4 <= _GATHER_BYTES:
             stacked = torch.stack([x.float() for x in xs])
             xs = list(stacked)
@@ -336,10 +336,6 @@ class _Problems:
             W.add_((coef[:, s:s + _BLOCK_ROWS] @ x[s:s + _BLOCK_ROWS].to(theta.device).float()).t())
         W.sub_(torch.outer(mu, coef.sum(1)))
         return LinearWeights(W, (b - mu @ W).contiguous())
-
-
-def _memory(shape: tuple[int, ...]) -> Tensor:
-    return torch.empty(shape)
 
 
 def _moments(x: Tensor, dense: bool, rows_gram: bool = False) -> tuple[Tensor, Tensor, Tensor]:
