@@ -9,7 +9,7 @@ import pytest
 pytestmark = pytest.mark.slow  # minutes in all: `pytest -m "not slow"` leaves it out
 
 ROOT = Path(__file__).resolve().parents[1]
-WORKLOAD_LABELS = ("1 live", "2 finished", "3 cache", "4 scaling", "5 solver", "6 resnet memory")
+WORKLOAD_LABELS = ("1 live", "2 finished", "3 cache", "4 scaling", "5 solver", "6 resnet memory", "7 pixels")
 
 
 def test_quick_suite_reports_every_workload_with_finite_ratios(tmp_path):
