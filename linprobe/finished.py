@@ -334,10 +334,9 @@ def _fit_all(cache: FeatureCache, has_test: bool, fit: FitSettings, device: torc
         probes = [LinearProbe(name, reduction_from_dict(cache.layers[name]["reduction"]), cache.layers[name]["features"],
                               len(classes)).to(device) for name in batch]
         raws = [cache.features("train", name, rows=rows["train"]) for name in batch]
-        stds = [_standardizer(raw, standardize) if sharded or not standardize
-                else Standardizer.fit(block for _, block in _blocks(raw)) for raw in raws]
+        stds = [_standardizer(raw, sharded, standardize) for raw in raws]
         start = time.perf_counter()
-        if len({raw.shape[1] for raw in raws}) == 1:  # stacked: evaluated with batched products
+        if len({raw.shape[1] for raw in raws}) == 1:  # one (P, N, D) tensor: batched products
             x_train = _scratch((len(batch), *raws[0].shape), device, cache.root)
             for x, raw, std in zip(x_train, raws, stds):
                 _standardize_into(x, raw, std)
@@ -390,12 +389,14 @@ def _my_layers(cache: FeatureCache, invalid: Mapping[str, Any], distribute: str)
     return [name for name, r in zip(names, owner) if r == distributed.rank()]
 
 
-def _standardizer(raw: np.ndarray, standardize: bool = True) -> Standardizer:
-    """The training statistics of every rank's rows ``raw`` together, in float64 and two passes (collectives: all
-    ranks call it for the same layer, unlike ``Standardizer.fit``, which a rank fitting its own layers uses); the
-    identity when not ``standardize``."""
+def _standardizer(raw: np.ndarray, sharded: bool, standardize: bool) -> Standardizer:
+    """The training statistics of ``raw`` (the identity when not ``standardize``), over every rank's rows when
+    ``sharded``: then in float64 and two passes, and a collective that all ranks call for the same layer (a rank
+    fitting its own layers uses ``Standardizer.fit``)."""
     if not standardize:
-        return Standardizer(torch.zeros(raw.shape[1]), torch.ones(raw.shape[1]))
+        return Standardizer.identity(raw.shape[1])
+    if not sharded:
+        return Standardizer.fit(block for _, block in _blocks(raw))
     n = distributed.total(len(raw), torch.device("cpu"))
     if n == 0:
         raise ValueError("cannot standardise an empty training split")

@@ -103,7 +103,8 @@ def minimize(objective: Objective, theta0: Tensor, precondition: Preconditioner,
              on_done: Callable[[Tensor], None] | None = None) -> Outcome:
     """Minimise ``P`` problems at once from ``theta0`` (P, ...); problem ``p`` stops when its ``gmax <= gtol[p]``,
     when its loss stops improving (relative decrease below 1e-7 over 10 iterations, or no step length lowers it),
-    or after ``max_iter`` (per problem, or one for all) iterations (not converged). ``on_done(index)`` is told which problems just stopped."""
+    or after ``max_iter`` (per problem, or one for all) iterations (not converged). ``on_done(index)`` is told
+    which problems just stopped."""
     P, device = theta0.shape[0], theta0.device
     out = Outcome(theta0.clone(), torch.zeros(P, dtype=torch.float64, device=device),
                   torch.zeros(P, dtype=torch.long, device=device), torch.zeros(P, dtype=torch.bool, device=device))
@@ -132,7 +133,7 @@ def minimize(objective: Objective, theta0: Tensor, precondition: Preconditioner,
             run, theta, f, g, gmax, it, f_ref, stalled = (t[keep] for t in (run, theta, f, g, gmax, it, f_ref, stalled))
             hist.keep(keep)
             if not len(run):
-                break
+                continue
         d = hist.direction(run, g, precondition)
         gd = _dot(g, d)
         uphill = ~(gd < 0)
@@ -162,7 +163,7 @@ def minimize(objective: Objective, theta0: Tensor, precondition: Preconditioner,
         stalled |= ~moved  # no step length lowers the loss: it is at float32 resolution
         s, yv = new_theta - theta, new_g - g
         sy = _dot(s, yv)
-        hist.push(s, yv, sy, _dot(yv, precondition(run, yv.clone())))
+        hist.push(s, yv, sy, _dot(yv, precondition(run, yv)))
         theta, f, g, gmax = new_theta, new_f, new_g, new_gmax
         it += moved.long()
     return out

@@ -50,21 +50,18 @@ class LinearProbe(nn.Module):
     def fit(self, x_train: torch.Tensor, y_train: torch.Tensor, x_valid: torch.Tensor, y_valid: torch.Tensor, *,
             l2_path: tuple[float, ...] = DEFAULT_L2_PATH, standardizer: Standardizer | None = None,
             init: LinearProbe | None = None, max_iter: int = 500, patience: int | None = 2,
-            sharded: bool = False, standardized: bool = False) -> PathResult:
+            sharded: bool = False) -> PathResult:
         """Fit to convergence along the L2 path on reduced features; the L2 is chosen on valid only.
 
         ``init`` (a probe of the same layer, e.g. at the previous checkpoint) warm-starts the path: the
         problem is convex, so the optimum is the same and only the number of iterations changes.
         ``sharded``: the rows are this process's share of a torch.distributed job's (``fit_l2_path``); pass
-        the ``standardizer`` of all the rows. ``standardized``: the features were already standardised with
-        ``standardizer`` (``finished.probe`` writes them to a memory-mapped scratch file: the fit holds no copy).
+        the ``standardizer`` of all the rows. ``finished.probe`` fits many layers at once (``solvers.fit_paths``)
+        and hands each probe its result with :meth:`adopt`.
         """
         std = standardizer or Standardizer.fit([x_train])
-        self.mean.copy_(std.mean), self.std.copy_(std.std)
-        if not standardized:
-            x_train, x_valid = self.standardize(x_train.float()), self.standardize(x_valid.float())
         settings = FitSettings(l2_path=l2_path, max_iter=max_iter, patience=patience)
-        path = fit_paths([x_train], y_train, [x_valid], y_valid, self.num_classes, settings,
+        path = fit_paths([std(x_train)], y_train, [std(x_valid)], y_valid, self.num_classes, settings,
                          inits=[init.weights() if init is not None else None], sharded=sharded)[0]
         self.adopt(path, std)
         return path

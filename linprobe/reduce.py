@@ -306,6 +306,11 @@ class Standardizer:
         return cls.from_moments(n, mean, m2)
 
     @classmethod
+    def identity(cls, features: int) -> Standardizer:
+        """Mean 0, scale 1: the features as they are."""
+        return cls(torch.zeros(features), torch.ones(features))
+
+    @classmethod
     def from_moments(cls, n: int, mean: torch.Tensor, m2: torch.Tensor) -> Standardizer:
         """From the row count, float64 mean and summed squared deviations (e.g. combined over processes)."""
         std = (m2 / max(n, 1)).sqrt()

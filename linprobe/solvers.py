@@ -37,6 +37,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -167,6 +168,14 @@ def group_key(n: int, d: int) -> int:
     return -1 if row_space_worthwhile(n, d) else d
 
 
+class _Lift(NamedTuple):
+    """How a row-space problem's solution ``Wz`` returns to its layer: ``W^T = Wz^T @ map @ (x - 1 mu^T)``."""
+
+    x: Tensor  # the original features (N, D)
+    mu: Tensor  # their means (D,)
+    map: Tensor  # (N, N): the eigenvectors scaled by 1 / sqrt(eigenvalue), 0 for the dropped ones
+
+
 class _Problems:
     """P logistic problems on the same labels: features ``xs[p]`` (N, D_p), all of one width ``D`` as seen by the
     solver (the row-space ones: their ``Z``), centred coordinates, the Hessian bound's eigenbasis and what maps a
@@ -182,9 +191,7 @@ class _Problems:
         self.device = self.xs[0].device
         self.y = y.to(device=self.device, dtype=torch.long)
         self.C, self.D = num_classes, self.xs[0].shape[1]
-        self.lifts: list[Tensor | None] = [None] * len(self.xs)  # row space: (r, N) such that W^T = Wr^T @ lift @ Xc
-        self.originals: list[Tensor] = self.xs
-        self.orig_mu: list[Tensor] = []  # row space: the original features' means
+        self.lifts: list[_Lift | None] = [None] * len(self.xs)  # row-space problems: the way back
         self.mu = torch.zeros(len(self.xs), self.D, device=self.device)
         self.basis: Tensor | None = None  # (P, D, D) eigenvectors of the covariance, or None: diagonal
         self.lam = torch.ones(len(self.xs), self.D, device=self.device)
@@ -231,7 +238,7 @@ class _Problems:
         probe; its columns are centred and uncorrelated (diagonal preconditioner)."""
         n = xs[0].shape[0]
         stacked = scratch((len(xs), n, n))
-        lifts, lams, mus, scales = [], [], [], []
+        lifts, lams, scales = [], [], []
         for z, x in zip(stacked, xs):
             total, gram, sq = _moments(x, False, rows_gram=True)
             mu = total / n
@@ -242,13 +249,11 @@ class _Problems:
             s = torch.where(keep, s, torch.zeros_like(s))
             z.copy_((u * s.sqrt()).float())
             inv = torch.where(keep, s.clamp_min(1e-300).rsqrt(), torch.zeros_like(s))
-            lifts.append((u * inv).t().float())  # (N, N): W^T = Wz^T @ lift @ Xc
+            lifts.append(_Lift(x, mu.float(), (u * inv).t().float()))
             lams.append((s / n).float())
-            mus.append(mu.float())
             scales.append(max(1.0, math.sqrt(float(sq) / max(x.numel(), 1))))
         self = cls(list(stacked), y, num_classes, stacked=stacked)
-        self.originals, self.lifts = list(xs), lifts
-        self.orig_mu = mus
+        self.lifts = lifts
         self.lam, self.scale = torch.stack(lams), torch.tensor(scales, dtype=torch.float64)
         return self
 
@@ -281,20 +286,20 @@ class _Problems:
             parts = [_data_terms(self.xs[p], self.y, W[j], bias[j], self.n) for j, p in enumerate(index.tolist())]
             return tuple(torch.stack(t) for t in zip(*parts))  # type: ignore[return-value]
         wanted = index.tolist()
-        if wanted == list(range(wanted[0], wanted[0] + len(wanted))):
-            return _data_terms(self.stacked[wanted[0]:wanted[-1] + 1], self.y, W, bias, self.n)
         parts, j = [], 0
         while j < len(wanted):
             k = j
             while k + 1 < len(wanted) and wanted[k + 1] - wanted[k] <= _GAP + 1:
                 k += 1
             lo, hi = wanted[j], wanted[k] + 1
-            span = torch.zeros(hi - lo, *W.shape[1:], dtype=W.dtype, device=W.device)
-            cspan = torch.zeros(hi - lo, bias.shape[1], dtype=bias.dtype, device=bias.device)
-            at = index[j:k + 1] - lo
-            span[at], cspan[at] = W[j:k + 1], bias[j:k + 1]
-            found = _data_terms(self.stacked[lo:hi], self.y, span, cspan, self.n)
-            parts.append(tuple(t[at] for t in found))
+            if hi - lo == k + 1 - j:  # no gap: the parameters as they are
+                parts.append(_data_terms(self.stacked[lo:hi], self.y, W[j:k + 1], bias[j:k + 1], self.n))
+            else:  # the problems in the gaps get zeros, and their results are dropped
+                at = index[j:k + 1] - lo
+                span = W.new_zeros(hi - lo, *W.shape[1:])
+                cspan = bias.new_zeros(hi - lo, bias.shape[1])
+                span[at], cspan[at] = W[j:k + 1], bias[j:k + 1]
+                parts.append(tuple(t[at] for t in _data_terms(self.stacked[lo:hi], self.y, span, cspan, self.n)))
             j = k + 1
         return tuple(torch.cat(t) for t in zip(*parts))  # type: ignore[return-value]
 
@@ -332,8 +337,8 @@ class _Problems:
         lift = self.lifts[p]
         if lift is None:
             return LinearWeights(Wt.t().contiguous(), (b - Wt @ self.mu[p]).contiguous())
-        x, mu = self.originals[p], self.orig_mu[p].to(theta.device)
-        coef = Wt @ lift  # (C, N): W^T = coef @ (X - 1 mu^T)
+        x, mu = lift.x, lift.mu.to(theta.device)
+        coef = Wt @ lift.map  # (C, N): W^T = coef @ (X - 1 mu^T)
         W = torch.zeros(x.shape[1], self.C, device=theta.device)
         for s in range(0, x.shape[0], _BLOCK_ROWS):
             W.add_((coef[:, s:s + _BLOCK_ROWS] @ x[s:s + _BLOCK_ROWS].to(theta.device).float()).t())
