@@ -9,6 +9,8 @@ The public API::
     Monitor(model, layers, valid=..., every=k, exact=...)   probes over training: online and exact snapshots
     diagnose(result), save_timeline(result, out)           dead segments, lags, kinks; heatmap, animation
     sweep(factory, checkpoints, train, valid, out=...)     the probes of every saved checkpoint, resumable
+    probe(..., tasks={"coarse": fn, "control": control_task(), "size": values(...)})   more label sets, one extraction
+    paired_difference(correct_a, correct_b)                do two probes differ beyond noise on the same samples?
 """
 from linprobe import models
 from linprobe.data import ArrayDataset, load_dataset, standard_splits
@@ -22,12 +24,14 @@ from linprobe.probes import LinearProbe, ProbeBank
 from linprobe.reduce import Flatten, Pool, Project, Subset
 from linprobe.results import ProbeResult
 from linprobe.sweeps import find_checkpoints, sweep
+from linprobe.tasks import control_task, labels, shuffled_labels, values
+from linprobe.uncertainty import paired_difference
 from linprobe.taps import INPUT, LayerSelectionError, Taps, layer_names, residual_stream
 from linprobe.timeline import save_timeline
 
 __version__ = "0.1.0"
 __all__ = ["ArrayDataset", "Flatten", "INPUT", "InputSpec", "LayerSelectionError", "LinearProbe", "Monitor",
-           "OnlineProbes", "Pool", "ProbeBank", "ProbeResult", "Project", "Subset", "Taps", "describe", "diagnose",
+           "OnlineProbes", "Pool", "control_task", "labels", "paired_difference", "shuffled_labels", "values", "ProbeBank", "ProbeResult", "Project", "Subset", "Taps", "describe", "diagnose",
            "find_checkpoints", "layer_names",
            "load_dataset", "models", "online_exact_gap", "probe", "probe_features", "residual_stream", "save_timeline",
            "Split", "standard_splits", "sweep"]

@@ -4,7 +4,10 @@ Layout of one cache folder::
 
     manifest.json                      what is here, and whether each split is complete
     <split>/rank000-of-001/layer-<name>.npy   (N, D) features of one layer, float32 or float16
-    <split>/rank000-of-001/labels.npy, index.npy   labels and dataset indices of those rows
+    <split>/rank000-of-001/index.npy   the dataset index of each of those rows
+
+Labels are not stored: they are what a run fits, not what it extracts, so any number of label sets reuse one
+extraction (``Split.targets``), and a split is complete for its inputs whatever its labels.
 
 Each shard is written batch by batch into ``<shard>.partial-<pid>`` (its space reserved up front,
 so a full disk fails at the start) and renamed into place only once complete, and the manifest is
@@ -34,7 +37,7 @@ from linprobe.atomic import atomic_write_text
 
 MANIFEST = "manifest.json"
 LOCK = ".lock"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: no labels in the cache
 
 
 class CacheError(RuntimeError):
@@ -83,7 +86,6 @@ class ShardWriter:
         try:
             for name, width in widths.items():
                 self._open(_layer_file(name), (n, width), dtype)
-            self._open("labels.npy", (n,), np.dtype(np.int64))
             self._open("index.npy", (n,), np.dtype(np.int64))
         except BaseException:
             self.abort()
@@ -99,20 +101,19 @@ class ShardWriter:
         self.files[file], self.dtypes[file], self.hashes[file] = handle, np.dtype(dtype), hashlib.sha256()
         self.rows[file] = 0
 
-    def write(self, features: Mapping[str, torch.Tensor], labels: torch.Tensor, index: torch.Tensor) -> None:
-        """Append one batch: features (B, D) per layer, labels (B,), dataset indices (B,)."""
+    def write(self, features: Mapping[str, torch.Tensor], index: torch.Tensor) -> None:
+        """Append one batch: features (B, D) per layer and the dataset index (B,) of each row."""
         for name, block in features.items():
             self.write_layer(name, block)
-        self.write_rows(labels, index)
+        self.write_rows(index)
 
     def write_layer(self, name: str, block: torch.Tensor) -> None:
         """Append one batch's (B, D) features of one layer (the batch's rows are closed by ``write_rows``)."""
         self._append(_layer_file(name), block, len(block))
 
-    def write_rows(self, labels: torch.Tensor, index: torch.Tensor) -> None:
-        """Close one batch: its labels (B,) and dataset indices (B,); every layer must have got B rows."""
-        b = len(labels)
-        self._append("labels.npy", labels, b)
+    def write_rows(self, index: torch.Tensor) -> None:
+        """Close one batch: the dataset index (B,) of each row; every layer must have got B rows."""
+        b = len(index)
         self._append("index.npy", index, b)
         self.pos += b
         short = [f for f, rows in self.rows.items() if rows != self.pos]
@@ -174,17 +175,18 @@ class FeatureCache:
         self.manifest = self._load_manifest()
 
     def _load_manifest(self) -> dict[str, Any]:
-        """The manifest on disk (a fresh one when there is none), checked to belong to this key."""
+        """The manifest on disk, checked to belong to this key; a fresh one when there is none or it is of an older
+        format (its splits are then extracted again)."""
         path = self.root / MANIFEST
+        fresh = {"version": FORMAT_VERSION, "key": self.key, "layers": {}, "order": [], "splits": {}}
         try:
-            manifest = json.loads(path.read_text()) if path.exists() else {
-                "version": FORMAT_VERSION, "key": self.key, "layers": {}, "order": [], "splits": {}}
+            manifest = json.loads(path.read_text()) if path.exists() else fresh
         except (ValueError, OSError) as e:
             raise CacheError(f"{path} cannot be read ({e}); delete {self.root} and extract again") from None
         if manifest.get("key") != self.key:
             raise CacheError(f"{self.root} holds features of a different model, layer set or reduction "
                              f"(key {manifest.get('key')} != {self.key}); delete the folder or choose another")
-        return manifest
+        return manifest if manifest.get("version") == FORMAT_VERSION else fresh
 
     @contextmanager
     def locked(self) -> Iterator[FeatureCache]:
@@ -309,7 +311,3 @@ class FeatureCache:
         if layer not in self.layers:
             raise CacheError(f"layer {layer!r} is not in the cache; cached: {list(self.layers)}")
         return self._read(split, _layer_file(layer), verify, rows)
-
-    def labels(self, split: str, *, verify: bool = True, rows: slice | None = None) -> np.ndarray:
-        """The (N,) int64 labels of ``split``, or only ``rows`` of them."""
-        return self._read(split, "labels.npy", verify, rows)

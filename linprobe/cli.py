@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -61,6 +62,44 @@ def _positive(text: str) -> int:
     return int(text)
 
 
+def _task_option(text: str) -> str:
+    """``NAME=SPEC`` as ``--task`` takes it (checked here, built by ``_tasks``)."""
+    name, _, spec = text.partition("=")
+    kind, _, arg = spec.partition(":")
+    if not name or kind not in ("control", "shuffled", "labels", "values"):
+        raise argparse.ArgumentTypeError(f"expected NAME=control[:SEED], NAME=shuffled[:SEED], NAME=labels:FILE.npz "
+                                         f"or NAME=values:FILE.npz, got {text!r}")
+    if kind in ("control", "shuffled") and arg and not arg.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r}: the seed after {kind}: must be a whole number")
+    if kind in ("labels", "values") and not Path(arg).is_file():
+        raise argparse.ArgumentTypeError(f"{text!r}: {arg or 'FILE'} is not a file (an .npz of arrays train, valid, "
+                                         "test)")
+    return text
+
+
+def _tasks(options: Sequence[str] | None) -> dict[str, Any]:
+    """The ``--task`` options as ``probe``'s ``tasks``."""
+    from linprobe import tasks
+
+    built: dict[str, Any] = {}
+    for text in options or ():
+        name, _, spec = text.partition("=")
+        kind, _, arg = spec.partition(":")
+        if kind == "control":
+            built[name] = tasks.control_task(seed=int(arg or 0))
+        elif kind == "shuffled":
+            built[name] = tasks.shuffled_labels(seed=int(arg or 0))
+        else:
+            with np.load(arg) as arrays:
+                missing = {"train", "valid"} - set(arrays.files)
+                if missing:
+                    raise UsageError(f"--task {text}: {arg} has arrays {arrays.files}, not {sorted(missing)}; save "
+                                     "np.savez(FILE, train=..., valid=..., test=...)")
+                given = {split: arrays[split] for split in ("train", "valid", "test") if split in arrays.files}
+            built[name] = (tasks.labels if kind == "labels" else tasks.values)(**given)
+    return built
+
+
 def _add_probe_options(p: argparse.ArgumentParser, out_help: str) -> None:
     """The data, layer, reduction and output options ``probe`` and ``sweep`` share."""
     p.add_argument("--data", default="mnist", help="mnist (default), fashion-mnist, digits, idx:DIR, a .npz/.pt file "
@@ -78,6 +117,10 @@ def _add_probe_options(p: argparse.ArgumentParser, out_help: str) -> None:
     p.add_argument("--max-iter", type=_positive, default=500, help="L-BFGS iterations per L2 (default 500)")
     p.add_argument("--no-standardize", action="store_true",
                    help="fit the probes on the raw features instead of standardised ones (see docs/benchmarks.md)")
+    p.add_argument("--task", action="append", type=_task_option, metavar="NAME=SPEC", dest="tasks",
+                   help="another label set fitted on the same features (repeatable): NAME=control[:SEED] (Hewitt & "
+                        "Liang's control task, with selectivity), NAME=shuffled[:SEED], NAME=labels:FILE.npz or "
+                        "NAME=values:FILE.npz (arrays train, valid, test: classes or regression targets)")
     p.add_argument("--device", type=_device, default=torch.device("cpu"),
                    help="where the model runs and the probes are fitted: cpu (default), cuda, cuda:1, ...")
     p.add_argument("--config", help="a TOML file whose keys mirror these flags (flags given here override it); every "
@@ -153,14 +196,18 @@ def _splits(args: argparse.Namespace) -> dict[str, Any]:
 def _probe_options(args: argparse.Namespace) -> dict[str, Any]:
     return {"layers": args.layers, "reduce": args.reduce, "feature_budget": args.budget, "dtype": args.dtype,
             "batch_size": args.batch_size, "seed": args.seed, "progress": not args.quiet,
-            "max_iter": args.max_iter, "distribute": args.distribute, "standardize": not args.no_standardize}
+            "max_iter": args.max_iter, "distribute": args.distribute, "standardize": not args.no_standardize,
+            "tasks": _tasks(args.tasks)}
 
 
 def _print_result(result: ProbeResult, wrote: str) -> None:
     """The table and what was written, once: by rank 0 under torchrun."""
     if distributed.rank() != 0:
         return
-    print(result.table(metrics=("top1_error",)))  # the terminal's width; every metric is in results.csv
+    for task in result.tasks:  # the terminal's width; every metric is in results.csv
+        if len(result.tasks) > 1:
+            print(f"\ntask {task}:")
+        print(result.table(metrics=("top1_error", "selectivity", "r2"), task=task))
     for layer, reason in result.meta.get("invalid", {}).items():
         print(f"{layer}: invalid: {reason}")
     for layer, reason in result.meta.get("not_converged", {}).items():

@@ -131,7 +131,7 @@ def _extract_shard(taps: Taps, split: Split, cache: FeatureCache, name: str, row
             targets = batch.targets
             now.update(batch=batch, rows=len(targets), number=number)
             taps.run(prepared(batch, taps.model))
-            writer.write_rows(targets, _dataset_index(batch, seq))
+            writer.write_rows(_dataset_index(batch, seq))
             seq += batch.size
             bar.update(batch.size)
         bar.close()

@@ -25,10 +25,10 @@ from tqdm.auto import tqdm
 
 from linprobe import distributed
 from linprobe.cache import CacheError, FeatureCache, open_reserved
+from linprobe.evaluate import Evaluation, evaluate
 from linprobe.extract import extract_split, model_device
 from linprobe.html_report import write_report
 from linprobe.inputs import InputSpec, Split, as_splits
-from linprobe.metrics import balanced_error, chance_error, classification_metrics
 from linprobe.probes import LinearProbe, ProbeBank
 from linprobe.provenance import provenance
 from linprobe.reduce import (
@@ -39,9 +39,11 @@ from linprobe.reduce import (
     reduction_from_dict,
     resolve_reductions,
 )
-from linprobe.results import LayerInfo, ProbeResult
+from linprobe.results import MAIN, LayerInfo, ProbeResult
+from linprobe.ridge import fit_ridge_paths
 from linprobe.solvers import DEFAULT_L2_PATH, FitSettings, fit_paths, group_key
 from linprobe.taps import LayerSpec, Plan, RepeatPolicy, Selector, Taps, TokenReduction, frozen
+from linprobe.tasks import Targets, TaskSpec, baselines, describe_spec, resolve
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +101,8 @@ def probe(model: nn.Module, train: Any, valid: Any, test: Any = None, *, layers:
           select: Selector | Mapping[str, Selector] | None = None, tokens: TokenReduction = "auto",
           repeat: RepeatPolicy = "each", inputs: InputSpec | None = None, step: int = 0, progress: bool = True,
           plot: bool = True, max_iter: int = 500, patience: int | None = 2, warm_start: ProbeBank | None = None,
-          distribute: str = "rows", standardize: bool = True) -> ProbeResult:
+          distribute: str = "rows", standardize: bool = True, tasks: Mapping[str, TaskSpec] | None = None
+          ) -> ProbeResult:
     """Probe every chosen layer of a finished model: train / valid (/ test) error, top-5, cross-entropy.
 
     Data are ``(x, y)`` arrays or tensors (``x`` of any dtype, or a tuple / dict of them: ``model(*x)``,
@@ -118,7 +121,11 @@ def probe(model: nn.Module, train: Any, valid: Any, test: Any = None, *, layers:
     above, the command line, the start and wall time and the git commit of the working directory.
 
     Labels may be any whole numbers >= 0; the classes found in train become probe outputs 0..K-1 in
-    ascending order (``meta["classes"]``). A layer with a NaN or Inf in any split gets no probe: it
+    ascending order (``meta["classes"]``). ``tasks`` adds label sets fitted on the same features, with no
+    second forward pass (``linprobe.tasks``): ``{"coarse": lambda y: y // 5, "control": control_task(),
+    "size": values(train=..., valid=..., test=...)}``; each has its own probes and rows (the ``task`` column; the
+    data's own labels are ``"main"``), and a control or shuffled task a ``selectivity`` row per layer and split.
+    Every error carries a confidence interval (``lo``, ``hi``). A layer with a NaN or Inf in any split gets no probe: it
     is reported in ``meta["invalid"]`` and by one ``invalid`` row holding the first offending sample.
 
     ``max_iter`` (L-BFGS iterations per L2) and ``patience`` (stop the L2 path after that many rises
@@ -144,7 +151,7 @@ def probe(model: nn.Module, train: Any, valid: Any, test: Any = None, *, layers:
                 "l2_path": l2_path, "batch_size": batch_size, "seed": seed, "select": select_key,
                 "tokens": tokens, "repeat": repeat, "inputs": inputs, "step": step, "max_iter": max_iter,
                 "patience": patience, "warm_start": warm_start is not None, "distribute": distribute,
-                "standardize": standardize}
+                "standardize": standardize, "tasks": {name: describe_spec(t) for name, t in (tasks or {}).items()}}
     if distribute not in ("rows", "layers"):
         raise ValueError(f"distribute must be 'rows' or 'layers', not {distribute!r}")
     fit = FitSettings(l2_path=tuple(l2_path), max_iter=max_iter, patience=patience)
@@ -153,6 +160,7 @@ def probe(model: nn.Module, train: Any, valid: Any, test: Any = None, *, layers:
     spec = inputs or InputSpec()
     splits = as_splits({"train": train, "valid": valid, "test": test}, spec)
     _check_inputs(splits, dtype)
+    targets = resolve(tasks, splits, batch_size)
     was_training = any(m.training for m in model.modules())
     with ExitStack() as stack:
         root = Path(cache_dir) if cache_dir is not None else _temporary_root(stack)
@@ -161,8 +169,8 @@ def probe(model: nn.Module, train: Any, valid: Any, test: Any = None, *, layers:
                         tokens=tokens, select=select_key, repeat=repeat, inputs=repr(spec))
         cache = stack.enter_context(FeatureCache(root / "features" / key, key).locked_by_job())
         stats = _extract_all(taps, splits, cache, reduce, feature_budget, seed, dtype, batch_size, progress)
-        result, bank = _fit_all(cache, "test" in splits, fit, model_device(model), step, progress, warm_start,
-                                distribute, standardize)
+        result, banks = _fit_all(cache, targets, "test" in splits, fit, model_device(model), step, progress,
+                                 warm_start, distribute, standardize)
         _warn_unfinished(result, max_iter, step)
         _warn_invalid(result)
         skipped = cache.manifest.get("plan", {}).get("skipped")
@@ -176,9 +184,9 @@ def probe(model: nn.Module, train: Any, valid: Any, test: Any = None, *, layers:
         if result.meta.get("skipped"):
             log.info("skipped %d module(s) that give nothing to probe (meta['skipped'])", len(result.meta["skipped"]))
         if out is not None and distributed.rank() == 0:
-            _save(result, bank, Path(out), plot and "test" in splits)
-            log.info("wrote the results of %d layer(s) into %s", len(bank), out)
-    result.probes = bank  # type: ignore[attr-defined]
+            _save(result, banks, Path(out), plot and "test" in splits)
+            log.info("wrote the results of %d layer(s) into %s", len(banks[MAIN]), out)
+    result.probes, result.banks = banks[MAIN], banks  # type: ignore[attr-defined]
     return result
 
 
@@ -285,10 +293,6 @@ def _standardized(raw: np.ndarray, standardizer: Standardizer, device: torch.dev
     return _standardize_into(_scratch(raw.shape, device, scratch), raw, standardizer)
 
 
-def _labels(cache: FeatureCache, split: str, device: torch.device) -> torch.Tensor:
-    return torch.from_numpy(np.array(cache.labels(split))).to(device)
-
-
 def _batches(cache: FeatureCache, names: list[str], rows: int) -> list[list[str]]:
     """The layers in batches fitted together: one width (or all fitted in their row space), in execution order,
     each batch's standardised copy within ``_BATCH_BYTES``."""
@@ -303,36 +307,37 @@ def _batches(cache: FeatureCache, names: list[str], rows: int) -> list[list[str]
     return [batch for batches in groups.values() for batch in batches]
 
 
-def _fit_all(cache: FeatureCache, has_test: bool, fit: FitSettings, device: torch.device, step: int,
-             progress: bool, warm_start: ProbeBank | None = None, distribute: str = "rows",
-             standardize: bool = True) -> tuple[ProbeResult, ProbeBank]:
-    """Fit one probe per valid cached layer (L2 chosen on valid), then evaluate every probe once on test.
+def _fit_all(cache: FeatureCache, tasks: list[Targets], has_test: bool, fit: FitSettings, device: torch.device,
+             step: int, progress: bool, warm_start: ProbeBank | None = None, distribute: str = "rows",
+             standardize: bool = True) -> tuple[ProbeResult, dict[str, ProbeBank]]:
+    """Fit one probe per task and valid cached layer (L2 chosen on valid), then evaluate every probe once on test.
 
-    Layers of one width are fitted together (``solvers.fit_paths``). Under torch.distributed, ``distribute="rows"``
-    fits each layer on this rank's rows with the other ranks (``sharded``); ``"layers"`` fits this rank's layers on
-    all rows and gathers every rank's probes.
+    Layers of one width are standardised once and fitted together for every task (``solvers.fit_paths``,
+    ``ridge.fit_ridge_paths``). Under torch.distributed, ``distribute="rows"`` fits each layer on this rank's rows
+    with the other ranks (``sharded``); ``"layers"`` fits this rank's layers on all rows and gathers every rank's
+    probes.
     """
     sharded = distribute == "rows" and distributed.world_size() > 1
     splits = ("train", "valid", "test") if has_test else ("train", "valid")
     rows = {split: _rows(cache, split) if sharded else slice(None) for split in splits}
-    y_train = _labels(cache, "train", device)
-    classes = _classes(y_train)
-    y_train, y_valid = _encode(y_train, classes, "train"), _encode(_labels(cache, "valid", device), classes, "valid")
-    chance = chance_error(y_train, len(classes))
-    n_train = len(y_train)
-    y_train, y_valid = y_train[rows["train"]], y_valid[rows["valid"]]
+    full = {t.name: {s: t.splits[s].to(device) for s in splits} for t in tasks}
+    for split in splits:
+        if len(full[MAIN][split]) != cache.manifest["splits"][split]["rows"]:
+            raise CacheError(f"the {split} data give {len(full[MAIN][split])} labelled rows but "
+                             f"{cache.manifest['splits'][split]['rows']} were extracted into {cache.root}: the data "
+                             "changed between passes (a dataset must give the same samples on every pass)")
+    mine = {name: {s: y[rows[s]] for s, y in ys.items()} for name, ys in full.items()}
     invalid = _invalid_layers(cache, splits)
-    fitted: dict[str, tuple[LinearProbe, dict[str, dict[str, float]]]] = {}
+    fitted: dict[str, dict[str, tuple[LinearProbe, dict[str, Evaluation]]]] = {t.name: {} for t in tasks}
     read_seconds = 0.0
     names = _my_layers(cache, invalid, distribute)
     quiet = not progress or distributed.rank() != 0
-    bar = tqdm(total=len(names) * len(fit.path), desc="fit probes", unit="fit", disable=quiet, leave=False)
-    for batch in _batches(cache, names, n_train):
+    bar = tqdm(total=len(names) * len(fit.path) * len(tasks), desc="fit probes", unit="fit", disable=quiet,
+               leave=False)
+    for batch in _batches(cache, names, len(full[MAIN]["train"])):
         width = cache.layers[batch[0]]["features"]
         bar.set_postfix_str(f"{batch[0]}{f' and {len(batch) - 1} more' if len(batch) > 1 else ''} ({width} features)",
                             refresh=False)  # the layers being fitted, not only how many are done
-        probes = [LinearProbe(name, reduction_from_dict(cache.layers[name]["reduction"]), cache.layers[name]["features"],
-                              len(classes)).to(device) for name in batch]
         raws = [cache.features("train", name, rows=rows["train"]) for name in batch]
         stds = [_standardizer(raw, sharded, standardize) for raw in raws]
         start = time.perf_counter()
@@ -345,27 +350,46 @@ def _fit_all(cache: FeatureCache, has_test: bool, fit: FitSettings, device: torc
         read_seconds += time.perf_counter() - start
         x_valid = [_standardized(cache.features("valid", name, rows=rows["valid"]), std, device, cache.root)
                    for name, std in zip(batch, stds)]
-        inits = [_earlier(warm_start, p) for p in probes]
-        paths = fit_paths(x_train, y_train, x_valid, y_valid, len(classes), fit,
-                          inits=[p.weights() if p is not None else None for p in inits], sharded=sharded,
-                          scratch=lambda shape: _scratch(shape, device, cache.root), on_fit=bar.update)
-        for probe, path, std, xt, xv in zip(probes, paths, stds, x_train, x_valid):
-            probe.adopt(path, std)
-            fitted[probe.layer] = probe, {split: _metrics(probe.logits(x), y, sharded)
-                                          for split, x, y in (("train", xt, y_train), ("valid", xv, y_valid))}
+        for task in tasks:
+            y = mine[task.name]
+            probes = [LinearProbe(name, reduction_from_dict(cache.layers[name]["reduction"]),
+                                  cache.layers[name]["features"], task.outputs, kind=task.kind, task=task.name).to(device)
+                      for name in batch]
+            if task.kind == "classes":
+                inits = [_earlier(warm_start, p) if task.name == MAIN else None for p in probes]
+                paths = fit_paths(x_train, y["train"], x_valid, y["valid"], task.outputs, fit,
+                                  inits=[p.weights() if p is not None else None for p in inits], sharded=sharded,
+                                  scratch=lambda shape: _scratch(shape, device, cache.root), on_fit=bar.update)
+            else:
+                paths = fit_ridge_paths(x_train, y["train"], x_valid, y["valid"], fit, sharded=sharded)
+                bar.update(len(batch) * len(fit.path))
+            for probe, path, std, xt, xv in zip(probes, paths, stds, x_train, x_valid):
+                probe.adopt(path, std)
+                fitted[task.name][probe.layer] = probe, {
+                    split: evaluate(task, _gathered(probe.logits(x), sharded), full[task.name][split])
+                    for split, x in (("train", xt), ("valid", xv))}
         del x_train, x_valid
     bar.close()
     if has_test:  # the first and only read of the test labels, after every probe is chosen
-        y_test = _encode(_labels(cache, "test", device), classes, "test")[rows["test"]]
-        for name, (probe, found) in fitted.items():
+        for name, (probe, _) in fitted[MAIN].items():
             x_test = _standardized(cache.features("test", name, rows=rows["test"]), Standardizer(probe.mean, probe.std),
                                    device, cache.root)
-            found["test"] = _metrics(probe.logits(x_test), y_test, sharded)
+            for task in tasks:
+                task_probe, found = fitted[task.name][name]
+                found["test"] = evaluate(task, _gathered(task_probe.logits(x_test), sharded), full[task.name]["test"])
     if distribute == "layers":
-        fitted = {name: part for parts in distributed.all_gather_object(fitted) for name, part in parts.items()}
-    result, bank = _assemble(cache, fitted, invalid, classes, chance, step)
-    result.meta["cache_read_samples_per_s"] = len(y_train) / max(read_seconds, 1e-9)  # every layer, read + standardised
-    return result, bank
+        fitted = {task: {name: part for parts in distributed.all_gather_object(mine_) for name, part in parts.items()}
+                  for task, mine_ in fitted.items()}
+    result, banks = _assemble(cache, fitted, invalid, tasks, step)
+    result.meta["cache_read_samples_per_s"] = len(mine[MAIN]["train"]) / max(read_seconds, 1e-9)  # read + standardised
+    return result, banks
+
+
+def _gathered(out: torch.Tensor, sharded: bool) -> torch.Tensor:
+    """A probe's outputs on every rank's rows, in row order, when ``sharded``; else as they are."""
+    if not sharded:
+        return out
+    return torch.cat([part.to(out.device) for part in distributed.all_gather_object(out.cpu())])
 
 
 def _rows(cache: FeatureCache, split: str) -> slice:
@@ -409,15 +433,18 @@ def _standardizer(raw: np.ndarray, sharded: bool, standardize: bool) -> Standard
     return Standardizer.from_moments(n, mean, m2)
 
 
-def _assemble(cache: FeatureCache, fitted: Mapping[str, tuple[LinearProbe, dict[str, dict[str, float]]]],
-              invalid: Mapping[str, tuple[str, dict[str, Any]]], classes: torch.Tensor, chance: float,
-              step: int) -> tuple[ProbeResult, ProbeBank]:
-    """The result table and bank, layers in execution order, test rows last."""
-    result, bank = ProbeResult([], meta={"classes": classes.tolist()}), ProbeBank()
+def _assemble(cache: FeatureCache, fitted: Mapping[str, Mapping[str, tuple[LinearProbe, dict[str, Evaluation]]]],
+              invalid: Mapping[str, tuple[str, dict[str, Any]]], tasks: list[Targets],
+              step: int) -> tuple[ProbeResult, dict[str, ProbeBank]]:
+    """The result table and one bank per task, layers in execution order, test rows last; a baseline task's rows
+    end with its selectivity."""
+    main = tasks[0]
+    result = ProbeResult([], meta={"classes": main.classes, "tasks": {t.name: t.describe() for t in tasks}})
+    banks = {t.name: ProbeBank() for t in tasks}
     for name in cache.manifest["order"]:
         meta = cache.layers[name]
         info = LayerInfo(name, tuple(meta["shape"]), int(np.prod(meta["shape"])), meta["features"], meta["reduction"],
-                         chance)
+                         main.chance_error() or 0.0)
         result.layers.append(info)
         if name in invalid:
             split, found = invalid[name]
@@ -425,20 +452,31 @@ def _assemble(cache: FeatureCache, fitted: Mapping[str, tuple[LinearProbe, dict[
             result.meta.setdefault("invalid", {})[name] = (f"{found['value']} at sample {found['sample']} of the "
                                                            f"{split} split (batch {found['batch']})")
             continue
-        probe, metrics = fitted[name]
-        info.l2 = probe.l2
-        result.add(step, name, "valid", {"l2": probe.l2})
-        result.add(step, name, "train", metrics["train"])
-        result.add(step, name, "valid", metrics["valid"])
-        bank.append(probe)
-    for probe in bank:
-        if "test" in fitted[probe.layer][1]:
-            result.add(step, probe.layer, "test", fitted[probe.layer][1]["test"])
-    unfinished = {p.layer: f"l2={p.l2:g}: stopped after {p.iterations} iterations"
-                  for p in bank if p.converged is False}
+        info.l2 = fitted[MAIN][name][0].l2
+        for task in tasks:
+            probe, evaluations = fitted[task.name][name]
+            result.add(step, name, "valid", {"l2": probe.l2}, task=task.name)
+            for split in ("train", "valid"):
+                result.add(step, name, split, evaluations[split].metrics, task=task.name,
+                           intervals=evaluations[split].intervals)
+            banks[task.name].append(probe)
+    for task in tasks:
+        for probe in banks[task.name]:
+            evaluations = fitted[task.name][probe.layer][1]
+            if "test" in evaluations:
+                result.add(step, probe.layer, "test", evaluations["test"].metrics, task=task.name,
+                           intervals=evaluations["test"].intervals)
+    for baseline, of in baselines(tasks).items():
+        for probe in banks[baseline]:
+            for split, found in fitted[baseline][probe.layer][1].items():
+                other = fitted[of][probe.layer][1][split]
+                result.add(step, probe.layer, split, {"selectivity": found.metrics["top1_error"]
+                                                      - other.metrics["top1_error"]}, task=baseline)
+    unfinished = {(p.layer if task == MAIN else f"{task}:{p.layer}"): f"l2={p.l2:g}: stopped after {p.iterations} "
+                  "iterations" for task, bank in banks.items() for p in bank if p.converged is False}
     if unfinished:
         result.meta["not_converged"] = unfinished
-    return result, bank
+    return result, banks
 
 
 def _earlier(bank: ProbeBank | None, probe: LinearProbe) -> LinearProbe | None:
@@ -447,33 +485,6 @@ def _earlier(bank: ProbeBank | None, probe: LinearProbe) -> LinearProbe | None:
         return None
     old = bank[probe.layer]
     return old if old.weight.shape == probe.weight.shape else None
-
-
-def _metrics(logits: torch.Tensor, y: torch.Tensor, sharded: bool = False) -> dict[str, float]:
-    """The shared classification metrics plus the mean per-class error, which unbalanced classes need; over every
-    rank's rows when ``sharded``."""
-    if sharded:
-        return distributed.global_metrics(logits, y)
-    return {**classification_metrics(logits, y), "balanced_error": balanced_error(logits, y)}
-
-
-def _classes(y_train: torch.Tensor) -> torch.Tensor:
-    """The sorted distinct training labels; a probe needs at least two."""
-    classes = y_train.unique()
-    if len(classes) < 2:
-        raise ValueError(f"the train split holds a single class ({classes.tolist()}): a probe needs at least two "
-                         "classes to tell apart; check the labels or the split")
-    return classes
-
-
-def _encode(y: torch.Tensor, classes: torch.Tensor, split: str) -> torch.Tensor:
-    """Labels as positions 0..K-1 in the training ``classes``; a class absent from train is an error."""
-    missing = y[~torch.isin(y, classes)].unique().tolist()
-    if missing:
-        raise ValueError(f"class(es) {missing} occur in the {split} split but not in train (which has {len(classes)} "
-                         "classes): a probe cannot learn them; use a stratified split (linprobe.data.stratified_split) "
-                         "with enough training samples for every class")
-    return torch.searchsorted(classes, y)
 
 
 def _invalid_layers(cache: FeatureCache, splits: tuple[str, ...]) -> dict[str, tuple[str, dict[str, Any]]]:
@@ -485,11 +496,13 @@ def _invalid_layers(cache: FeatureCache, splits: tuple[str, ...]) -> dict[str, t
     return found
 
 
-def _save(result: ProbeResult, bank: ProbeBank, out: Path, plot: bool) -> None:
-    """The run folder: the tables, the probes, the figure (``plot``) and ``report.html``, which shows them all."""
+def _save(result: ProbeResult, banks: Mapping[str, ProbeBank], out: Path, plot: bool) -> None:
+    """The run folder: the tables, the probes (another task's under ``probes/tasks/<name>``), the figure
+    (``plot``) and ``report.html``, which shows them all."""
     result.save(out)
-    bank.save(out / "probes")
-    if plot and len(bank):  # ProbeResult.errors leaves out the layers found invalid
+    for task, bank in banks.items():
+        bank.save(out / "probes" if task == MAIN else out / "probes" / "tasks" / task)
+    if plot and len(banks[MAIN]):  # ProbeResult.errors leaves out the layers found invalid
         result.plot(out / "errors.png")
     if plot:
         write_report(out, result)

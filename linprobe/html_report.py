@@ -8,13 +8,15 @@ from pathlib import Path
 from typing import Any
 
 from linprobe.atomic import atomic_write_text
-from linprobe.results import ProbeResult, format_value
+from linprobe.evaluate import LEVEL
+from linprobe.results import MAIN, ProbeResult, Row, format_value
 
 REPORT = "report.html"
 _FIGURES = {"errors.png": "Error per layer", "heatmap.png": "Error per layer and step",
             "animation.gif": "Error per layer over training", "diagram.png": "The probed model (diode diagram)"}
 _MIME = {".png": "image/png", ".gif": "image/gif"}
 _SPLITS = ("train", "valid", "test")
+_LABELS = {"top1_error": "top-1", "r2": "R^2"}
 
 
 def write_report(folder: str | Path, result: ProbeResult | None = None) -> Path:
@@ -37,40 +39,65 @@ def write_report(folder: str | Path, result: ProbeResult | None = None) -> Path:
 
 
 def _context(folder: Path, result: ProbeResult) -> dict[str, Any]:
-    """What the template shows: the last step's per-layer table, warnings, figures, diagnostics, provenance."""
+    """What the template shows: the last step's per-layer table of every task, warnings, figures, diagnostics,
+    provenance."""
     step = result.steps[-1] if result.rows else 0
-    splits = [s for s in _SPLITS if any((r.step, r.split, r.metric) == (step, s, "top1_error") for r in result.rows)]
-    columns = [{"label": f"{s} top-1", "split": s} for s in splits]
-    if {"train", "valid"} <= set(splits):
-        columns.append({"label": "gap", "split": None})
-    columns.append({"label": "chance", "split": None})
     invalid = result.meta.get("invalid", {})
-    errors = {s: result.errors(s, "top1_error", step) for s in splits}
-    rows = []
-    for info in result.layers:
-        found = {s: errors[s].get(info.name) for s in splits}
-        cells = [{"text": _fraction(found[s]), "split": s, "metric": "top1_error",
-                  "raw": "" if found[s] is None else format_value(found[s])} for s in splits]
-        if {"train", "valid"} <= set(splits):
-            gap = None if found["train"] is None or found["valid"] is None else found["valid"] - found["train"]
-            cells.append({"text": _fraction(gap), "split": None})
-        facts = info.cells()
-        cells.append({"text": facts.pop("chance"), "split": None})
-        rows.append({"name": info.name, **facts, "invalid": invalid.get(info.name), "cells": cells})
+    tasks = [_section(result, task, step, invalid) for task in (result.tasks or [MAIN])]
     meta = result.meta
     warnings = [f"{layer}: not converged ({why}); its errors are an unfinished fit's"
                 for layer, why in meta.get("not_converged", {}).items()]
     warnings += [f"{layer}: invalid ({why}); no probe" for layer, why in invalid.items()]
     diagnostics = folder / "diagnostics.md"
     return {"title": meta.get("model", folder.name), "layers": result.layers, "steps": result.steps, "step": step,
-            "chance": result.chance_error if result.layers else float("nan"), "columns": columns, "rows": rows,
+            "chance": result.chance_error if result.layers else float("nan"), "tasks": tasks,
             "warnings": warnings, "figures": _figures(folder), "skipped": meta.get("skipped", {}),
             "diagnostics": diagnostics.read_text() if diagnostics.is_file() else "",
             "provenance": json.dumps(meta.get("provenance", {}), indent=1) or "{}"}
 
 
-def _fraction(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4f}"
+def _section(result: ProbeResult, task: str, step: int, invalid: dict[str, str]) -> dict[str, Any]:
+    """One task's table: its headline metric per split (top-1 error, or R^2 for regression) with its interval as a
+    tooltip, the train/valid gap, chance, and a baseline task's selectivity."""
+    about = result.meta.get("tasks", {}).get(task, {"kind": "classes"})
+    mine = {(r.layer, r.split, r.metric): r for r in result.rows if r.step == step and r.task == task}
+    metric = "r2" if about["kind"] == "values" else "top1_error"
+    splits = [s for s in _SPLITS if any(key[1:] == (s, metric) for key in mine)]
+    columns = [(f"{s} {_LABELS[metric]}", s, metric) for s in splits]
+    gap = {"train", "valid"} <= set(splits)
+    if "baseline_of" in about:
+        columns += [(f"{s} selectivity", s, "selectivity") for s in splits if s != "train"]
+    labels = [label for label, _, _ in columns] + (["gap"] if gap else []) + (["chance"] if metric != "r2" else [])
+    chance = about.get("chance_error", result.chance_error if result.layers else None)
+    rows = []
+    for info in result.layers:
+        cells = [_cell(mine.get((info.name, s, m))) for _, s, m in columns]
+        if gap:
+            train, valid = mine.get((info.name, "train", metric)), mine.get((info.name, "valid", metric))
+            cells.append({"text": "-" if train is None or valid is None else f"{valid.value - train.value:.4f}",
+                          "split": None})
+        if metric != "r2":
+            cells.append({"text": "-" if chance is None else f"{chance:.3f}", "split": None})
+        l2 = mine.get((info.name, "valid", "l2"))
+        facts = info.cells()
+        rows.append({"name": info.name, "shape": facts["shape"], "features": facts["features"],
+                     "reduction": facts["reduction"], "l2": "-" if l2 is None else f"{l2.value:.0e}",
+                     "invalid": invalid.get(info.name), "cells": cells})
+    title = "Per layer" if task == MAIN else f"Task {task}"
+    if "baseline_of" in about:
+        title += f" (baseline of {about['baseline_of']}: selectivity = its error - {about['baseline_of']}'s)"
+    return {"name": task, "title": title, "labels": labels, "rows": rows,
+            "note": "R^2 per split (1 is perfect, 0 is the training mean); gap: valid minus train" if metric == "r2"
+            else "Errors are fractions; gap: valid minus train top-1 error (a large gap: the probe overfits)"}
+
+
+def _cell(row: Row | None) -> dict[str, Any]:
+    """A table cell for one number: its text, what it is, its raw value and its interval as a tooltip."""
+    if row is None:
+        return {"text": "-", "split": None}
+    title = "" if row.lo is None else f"{int(LEVEL * 100)}% interval {row.lo:.4f} to {row.hi:.4f}"
+    return {"text": f"{row.value:.4f}", "split": row.split, "metric": row.metric, "raw": format_value(row.value),
+            "title": title}
 
 
 def _figures(folder: Path) -> list[dict[str, str]]:

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, SequentialSampler, Subset, TensorDataset
 
 from linprobe.data import IGNORE, ArrayDataset, sample_labels, tree_map, tree_tensors
 
@@ -132,6 +132,7 @@ class Split:
         self.spec = spec
         self._fingerprint: str | None = None
         self._rows: int | None = None
+        self._targets: Tensor | None = None
 
     @classmethod
     def of(cls, data: Any, spec: InputSpec | None = None, name: str = "data") -> Split:
@@ -164,8 +165,9 @@ class Split:
         return (self.source.batch_size or default) if isinstance(self.source, DataLoader) else default
 
     def batches(self, batch_size: int) -> Iterator[Batch]:
-        """Batches in order, without shuffling: in-memory data sliced, a DataLoader's own batching, other datasets
-        batched by a DataLoader of ``batch_size``."""
+        """Batches in dataset order, the same on every pass (the labels are read in a pass of their own): in-memory
+        data sliced, a DataLoader's own batching (a shuffling one read in order), other datasets batched by a
+        DataLoader of ``batch_size``."""
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be at least 1")
         if isinstance(self.source, ArrayDataset):
@@ -175,6 +177,8 @@ class Split:
             return (make_batch(x[i:i + batch_size], y[i:i + batch_size], self.spec)
                     for i in range(0, len(y), batch_size))
         loader = self.source if isinstance(self.source, DataLoader) else DataLoader(self.source, batch_size=batch_size)
+        if loader.batch_size is not None and not isinstance(loader.sampler, SequentialSampler):
+            loader = _in_order(loader, loader.dataset)
         return (_split_batch(raw, self.spec) for raw in loader)
 
     def rows(self, batch_size: int) -> int:
@@ -192,8 +196,10 @@ class Split:
         return self._rows
 
     def fingerprint(self) -> str:
-        """A 16-hex-digit digest of the data, for validating caches. In-memory data is hashed in full; other datasets
-        by class name, length and their first 64 samples (a change further in goes unnoticed)."""
+        """A 16-hex-digit digest of what extraction reads: the inputs and, for per-token labels, which tokens are
+        samples, but not the label values (another label set over the same inputs reuses the features). In-memory
+        data is hashed in full; other datasets by class name, length and their first 64 samples (a change further
+        in goes unnoticed)."""
         if self._fingerprint is None:
             digest = hashlib.sha256(repr(self.spec).encode())
             tensors = _in_memory(self.source)
@@ -201,11 +207,24 @@ class Split:
                 data = self.source.dataset if isinstance(self.source, DataLoader) else self.source
                 digest.update(f"{type(data).__qualname__}:{len(self)}".encode())
                 first = next(iter(Split(data, self.spec).batches(_FINGERPRINT_SAMPLES)), None)
-                tensors = [] if first is None else tree_tensors(first.inputs) + [first.labels]
+                tensors = [] if first is None else tree_tensors(first.inputs) + _sample_mask(first.labels)
             for t in tensors:
                 _hash_tensor(digest, t)
             self._fingerprint = digest.hexdigest()[:16]
         return self._fingerprint
+
+    def targets(self, batch_size: int = 4096) -> Tensor:
+        """The label of every row a probe gets, in dataset order (per sample, or per labelled token): read from
+        in-memory data directly, else by one pass over the data without the model."""
+        if self._targets is None:
+            parts = [b.targets for b in self.batches(max(len(self), 1) if _in_memory(self.source) else batch_size)]
+            self._targets = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+        return self._targets
+
+    def labelled_tokens(self) -> Tensor | None:
+        """For in-memory per-token labels ``(N, T)``, which tokens are samples; None otherwise."""
+        data = self.source.dataset if isinstance(self.source, DataLoader) else self.source
+        return data.y != IGNORE if isinstance(data, ArrayDataset) and data.y.dim() == 2 else None
 
     def shard(self, rows: range) -> Split:
         """The samples at ``rows``. A DataLoader keeps its batch size, collate function and workers; its sampler is
@@ -217,8 +236,7 @@ class Split:
             if src.batch_size is None:
                 raise ValueError("a DataLoader with a batch_sampler cannot be split across processes; pass its "
                                  "dataset and a batch_size instead")
-            return Split(DataLoader(Subset(src.dataset, rows), batch_size=src.batch_size, collate_fn=src.collate_fn,
-                                    num_workers=src.num_workers, pin_memory=src.pin_memory), self.spec)
+            return Split(_in_order(src, Subset(src.dataset, rows)), self.spec)
         return Split(Subset(src, rows), self.spec)
 
     def check_finite(self, name: str) -> None:
@@ -234,15 +252,27 @@ class Split:
                                      "would be invalid; clean or impute the data first")
 
 
+def _in_order(loader: DataLoader, dataset: Dataset) -> DataLoader:
+    """A loader over ``dataset`` in order, with ``loader``'s batch size, collate function and workers."""
+    return DataLoader(dataset, batch_size=loader.batch_size, collate_fn=loader.collate_fn,
+                      num_workers=loader.num_workers, pin_memory=loader.pin_memory, drop_last=loader.drop_last)
+
+
 def _in_memory(source: Any) -> list[Tensor] | None:
-    """Every tensor behind in-memory data (an ArrayDataset or TensorDataset, or a DataLoader over one), which the
-    fingerprint hashes in full; None for other data."""
+    """What the fingerprint hashes of in-memory data (an ArrayDataset or TensorDataset, or a DataLoader over one):
+    every input tensor in full and which tokens are samples; None for other data."""
     data = source.dataset if isinstance(source, DataLoader) else source
     if isinstance(data, ArrayDataset):
-        return tree_tensors(data.x) + [data.y]
+        return tree_tensors(data.x) + _sample_mask(data.y)
     if isinstance(data, TensorDataset):
-        return list(data.tensors)
+        return [data.tensors[0], *data.tensors[2:]] + _sample_mask(data.tensors[1])
     return None
+
+
+def _sample_mask(labels: Tensor) -> list[Tensor]:
+    """For per-token labels ``(N, T)``, which tokens are samples (what the features' rows depend on); nothing for
+    one label per sample."""
+    return [labels != IGNORE] if labels.dim() == 2 else []
 
 
 def _is_frame(obj: Any) -> bool:

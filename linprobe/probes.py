@@ -17,15 +17,20 @@ from torch import nn
 
 from linprobe.atomic import atomic_write_bytes, atomic_write_text
 from linprobe.reduce import Reduction, Standardizer, reduction_from_dict
+from linprobe.results import MAIN
 from linprobe.solvers import DEFAULT_L2_PATH, FitSettings, LinearWeights, PathResult, fit_paths
 
 
 class LinearProbe(nn.Module):
-    """A multinomial logistic regression on one layer's (reduced, standardised) features."""
+    """A linear map on one layer's (reduced, standardised) features: a multinomial logistic regression
+    (``kind="classes"``, outputs are logits) or a ridge regression (``kind="values"``, outputs are predictions),
+    fitted for the label set ``task``."""
 
-    def __init__(self, layer: str, reduction: Reduction, in_features: int, num_classes: int) -> None:
+    def __init__(self, layer: str, reduction: Reduction, in_features: int, num_classes: int, *,
+                 kind: str = "classes", task: str = MAIN) -> None:
         super().__init__()
         self.layer, self.reduction, self.num_classes = layer, reduction, num_classes
+        self.kind, self.task = kind, task
         self.weight = nn.Parameter(torch.zeros(in_features, num_classes))
         self.bias = nn.Parameter(torch.zeros(num_classes))
         self.register_buffer("mean", torch.zeros(in_features))
@@ -35,7 +40,8 @@ class LinearProbe(nn.Module):
         self.converged: bool | None = None
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        """Logits for a batch of raw layer outputs (B, ...); the input is detached first."""
+        """Logits (predicted values for a regression probe) for a batch of raw layer outputs (B, ...); the input
+        is detached first."""
         return self.logits(self.standardize(self.reduction(h.detach())))
 
     def standardize(self, x: torch.Tensor) -> torch.Tensor:
@@ -80,11 +86,12 @@ class LinearProbe(nn.Module):
     def config(self) -> dict[str, Any]:
         """What is needed to rebuild this probe, JSON-ready."""
         return {"layer": self.layer, "reduction": self.reduction.to_dict(), "in_features": self.weight.shape[0],
-                "num_classes": self.num_classes, "l2": self.l2}
+                "num_classes": self.num_classes, "l2": self.l2, "kind": self.kind, "task": self.task}
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> LinearProbe:
-        probe = cls(cfg["layer"], reduction_from_dict(cfg["reduction"]), cfg["in_features"], cfg["num_classes"])
+        probe = cls(cfg["layer"], reduction_from_dict(cfg["reduction"]), cfg["in_features"], cfg["num_classes"],
+                    kind=cfg.get("kind", "classes"), task=cfg.get("task", MAIN))
         probe.l2 = cfg["l2"]
         return probe
 

@@ -1,11 +1,11 @@
-"""Probe results: per-layer facts plus one tidy table (step, layer, split, metric, value)."""
+"""Probe results: per-layer facts plus one tidy table (step, task, layer, split, metric, value, lo, hi)."""
 from __future__ import annotations
 
 import csv
 import io
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +13,11 @@ import numpy as np
 
 from linprobe.atomic import atomic_write_text
 
-COLUMNS = ("step", "layer", "split", "metric", "value")
-_TABLE_METRICS = {"top1_error": "top1", "top5_error": "top5", "balanced_error": "bal", "cross_entropy": "ce"}
+COLUMNS = ("step", "task", "layer", "split", "metric", "value", "lo", "hi")
+MAIN = "main"
+"""The task of the data's own labels; other label sets are named by the caller (``probe(..., tasks=...)``)."""
+_TABLE_METRICS = {"top1_error": "top1", "top5_error": "top5", "balanced_error": "bal", "cross_entropy": "ce",
+                  "auroc": "auroc", "macro_f1": "f1", "r2": "r2", "mse": "mse", "selectivity": "sel"}
 
 
 @dataclass
@@ -38,13 +41,16 @@ class LayerInfo:
 
 @dataclass
 class Row:
-    """One measurement of the tidy table."""
+    """One measurement of the tidy table, with its confidence interval ``[lo, hi]`` where one is known."""
 
     step: int
     layer: str
     split: str
     metric: str
     value: float
+    task: str = MAIN
+    lo: float | None = None
+    hi: float | None = None
 
 
 @dataclass
@@ -55,9 +61,14 @@ class ProbeResult:
     rows: list[Row] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
 
-    def add(self, step: int, layer: str, split: str, metrics: dict[str, float]) -> None:
-        """Append one row per metric."""
-        self.rows.extend(Row(step, layer, split, k, float(v)) for k, v in metrics.items())
+    def add(self, step: int, layer: str, split: str, metrics: Mapping[str, float], *, task: str = MAIN,
+            intervals: Mapping[str, tuple[float, float]] | None = None) -> None:
+        """Append one row per metric, with its interval from ``intervals`` when there is one."""
+        intervals = intervals or {}
+        for k, v in metrics.items():
+            lo, hi = intervals.get(k, (None, None))
+            self.rows.append(Row(step, layer, split, k, float(v), task,
+                                 None if lo is None else float(lo), None if hi is None else float(hi)))
 
     @classmethod
     def concat(cls, results: list[ProbeResult]) -> ProbeResult:
@@ -82,45 +93,73 @@ class ProbeResult:
         return [info.name for info in self.layers]
 
     @property
+    def tasks(self) -> list[str]:
+        """The tasks measured, the main one first."""
+        seen = dict.fromkeys([MAIN] if any(r.task == MAIN for r in self.rows) else [])
+        return list({**seen, **dict.fromkeys(r.task for r in self.rows)})
+
+    @property
     def steps(self) -> list[int]:
         """The distinct steps measured, ascending."""
         return sorted({r.step for r in self.rows})
 
-    def value(self, layer: str, split: str, metric: str = "top1_error", step: int | None = None) -> float:
+    def value(self, layer: str, split: str, metric: str = "top1_error", step: int | None = None, *,
+              task: str = MAIN) -> float:
         """One number of the table (``step`` defaults to the last one measured)."""
+        return self.row(layer, split, metric, step, task=task).value
+
+    def interval(self, layer: str, split: str, metric: str = "top1_error", step: int | None = None, *,
+                 task: str = MAIN) -> tuple[float, float]:
+        """The confidence interval ``(lo, hi)`` of one number of the table."""
+        row = self.row(layer, split, metric, step, task=task)
+        if row.lo is None or row.hi is None:
+            raise KeyError(f"{metric} of layer {layer!r} on {split!r} has no interval")
+        return row.lo, row.hi
+
+    def row(self, layer: str, split: str, metric: str = "top1_error", step: int | None = None, *,
+            task: str = MAIN) -> Row:
+        """One row of the table (``step`` defaults to the last one measured)."""
         step = self.steps[-1] if step is None else step
         for r in self.rows:
-            if (r.step, r.layer, r.split, r.metric) == (step, layer, split, metric):
-                return r.value
-        raise KeyError(f"no {metric} for layer {layer!r} on {split!r} at step {step}")
+            if (r.step, r.task, r.layer, r.split, r.metric) == (step, task, layer, split, metric):
+                return r
+        raise KeyError(f"no {metric} for layer {layer!r} on {split!r} at step {step} (task {task!r})")
 
-    def errors(self, split: str = "test", metric: str = "top1_error", step: int | None = None) -> dict[str, float]:
-        """``metric`` per layer on ``split`` at ``step`` (default: the last), in execution order.
+    def errors(self, split: str = "test", metric: str = "top1_error", step: int | None = None, *,
+               task: str = MAIN) -> dict[str, float]:
+        """``metric`` per layer on ``split`` at ``step`` (default: the last) for ``task``, in execution order.
 
         Layers without that number (found invalid, or not measured at that step) are left out.
         """
         step = self.steps[-1] if step is None else step
-        have = {r.layer: r.value for r in self.rows if (r.step, r.split, r.metric) == (step, split, metric)}
+        have = {r.layer: r.value for r in self.rows
+                if (r.step, r.task, r.split, r.metric) == (step, task, split, metric)}
         return {n: have[n] for n in self.names if n in have}
 
-    def table(self, step: int | None = None, *, markdown: bool = False,
-              metrics: Sequence[str] | None = None) -> str:
-        """A table, one row per layer: size, reduction, L2, chance and errors per split (``metrics``: which of
-        top1_error, top5_error, balanced_error, cross_entropy; default all measured).
+    def table(self, step: int | None = None, *, markdown: bool = False, metrics: Sequence[str] | None = None,
+              task: str = MAIN) -> str:
+        """A table of ``task``, one row per layer: size, reduction, L2, chance and each metric per split
+        (``metrics``: which of top1_error, top5_error, balanced_error, cross_entropy, auroc, macro_f1, r2, mse,
+        selectivity; default all measured).
 
         Fixed-width text for a terminal, or a markdown table (``markdown=True``) for a report page.
         """
         step = self.steps[-1] if step is None else step
-        splits = [s for s in ("train", "valid", "test") if any(r.split == s and r.step == step for r in self.rows)]
-        metrics = [m for m in _TABLE_METRICS
-                   if any(r.metric == m for r in self.rows) and (metrics is None or m in metrics)]
+        mine = [r for r in self.rows if r.step == step and r.task == task]
+        splits = [s for s in ("train", "valid", "test") if any(r.split == s for r in mine)]
+        metrics = [m for m in _TABLE_METRICS if any(r.metric == m for r in mine) and (metrics is None or m in metrics)]
         head = ["layer", "shape", "features", "reduction", "l2", "chance"] + [
             f"{s} {_TABLE_METRICS[m]}" for m in metrics for s in splits]
         invalid = self.meta.get("invalid", {})
+        chance = self.meta.get("tasks", {}).get(task, {}).get("chance_error")
         lines = []
         for info in self.layers:
-            have = {(r.split, r.metric): r.value for r in self.rows if r.step == step and r.layer == info.name}
-            cells = [info.name, *info.cells().values()]
+            have = {(r.split, r.metric): r.value for r in mine if r.layer == info.name}
+            facts = info.cells()
+            if task != MAIN:
+                facts["l2"] = f"{have[('valid', 'l2')]:.0e}" if ("valid", "l2") in have else "-"
+                facts["chance"] = "-" if chance is None else f"{chance:.3f}"
+            cells = [info.name, *facts.values()]
             if info.name in invalid:
                 filler = [""] * (len(head) - len(cells) - 1) if markdown else []  # markdown rows need every cell
                 cells += [f"invalid: {invalid[info.name]}", *filler]
@@ -137,7 +176,9 @@ class ProbeResult:
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
         w.writerow(COLUMNS)
-        w.writerows((r.step, r.layer, r.split, r.metric, format_value(r.value)) for r in self.rows)
+        w.writerows((r.step, r.task, r.layer, r.split, r.metric, format_value(r.value),
+                     "" if r.lo is None else format_value(r.lo), "" if r.hi is None else format_value(r.hi))
+                    for r in self.rows)
         return buf.getvalue()
 
     def to_dict(self) -> dict[str, Any]:

@@ -34,10 +34,11 @@ from tqdm.auto import tqdm
 
 from linprobe import distributed
 from linprobe.atomic import atomic_write_text
-from linprobe.inputs import Split, as_splits
 from linprobe.finished import probe
+from linprobe.inputs import Split, as_splits
 from linprobe.probes import ProbeBank
 from linprobe.results import ProbeResult
+from linprobe.tasks import describe_spec, resolve, targets_fingerprint
 
 ModelSource = Union[str, Callable[[], nn.Module], nn.Module]
 """``package.module:function``, a function building the model, or a model to load each checkpoint into."""
@@ -322,7 +323,10 @@ def _settings(model: str, splits: Mapping[str, Split], options: Mapping[str, Any
         raise TypeError(f"sweep() got option(s) {unknown} it cannot pass on; it takes probe()'s options except "
                         f"{sorted(_SWEEP_SET)}: {sorted(set(params) - _SWEEP_SET)}")
     chosen = {k: options.get(k, p.default) for k, p in params.items() if k not in _SWEEP_SET | _NOT_SETTINGS}
-    settings = {"model": model, "data": {k: v.fingerprint() for k, v in splits.items()}, **chosen}
+    chosen["tasks"] = {name: describe_spec(spec) for name, spec in (chosen["tasks"] or {}).items()}
+    targets = resolve(options.get("tasks"), splits, options.get("batch_size", 256))
+    settings = {"model": model, "data": {k: v.fingerprint() for k, v in splits.items()},
+                "targets": targets_fingerprint(targets), **chosen}
     return json.loads(json.dumps(settings, default=lambda v: getattr(v, "__qualname__", str(v))))
 
 

@@ -16,7 +16,7 @@ def _fill(cache: FeatureCache, split: str, n: int = 10, *, rank: int = 0, world:
     feats = {"a": index[:, None].float().repeat(1, 3) / 7, "b": -index[:, None].float().repeat(1, 2)}
     writer = cache.writer(split, n, dtype=dtype, rank=rank, world=world)
     for i in range(0, n, 4):  # batch by batch
-        writer.write({k: v[i:i + 4] for k, v in feats.items()}, index[i:i + 4] % 3, index[i:i + 4])
+        writer.write({k: v[i:i + 4] for k, v in feats.items()}, index[i:i + 4])
     return writer, feats
 
 
@@ -28,11 +28,9 @@ def test_round_trip_and_manifest(tmp_path):
     again = FeatureCache(tmp_path, "k1")
     assert again.is_complete("train", "d1") and not again.is_complete("train", "other-data")
     np.testing.assert_array_equal(again.features("train", "a"), feats["a"].numpy())
-    np.testing.assert_array_equal(again.labels("train"), np.arange(10) % 3)
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["splits"]["train"]["rows"] == 10 and manifest["order"] == ["a", "b"]
-    assert set(manifest["splits"]["train"]["shards"][0]["sha256"]) == {"layer-a.npy", "layer-b.npy", "labels.npy",
-                                                                         "index.npy"}
+    assert set(manifest["splits"]["train"]["shards"][0]["sha256"]) == {"layer-a.npy", "layer-b.npy", "index.npy"}
 
 
 def test_float16_storage(tmp_path):
@@ -59,7 +57,7 @@ def test_short_extraction_is_refused(tmp_path):
     cache = FeatureCache(tmp_path, "k")
     cache.set_layers(["a"], {"a": {"shape": [1], "reduction": {"kind": "none"}, "features": 1}})
     writer = cache.writer("train", 5)
-    writer.write({"a": torch.zeros(3, 1)}, torch.zeros(3, dtype=torch.long), torch.arange(3))
+    writer.write({"a": torch.zeros(3, 1)}, torch.arange(3))
     with pytest.raises(CacheError, match="wrote 3 of 5"):
         writer.commit()
 
@@ -101,4 +99,3 @@ def test_rows_of_strided_shards_read_only_what_is_asked(tmp_path):
     whole = cache.features("train", "b")
     for rows in (slice(3, 8), slice(0, 0), slice(6, None), slice(None)):
         np.testing.assert_array_equal(cache.features("train", "b", rows=rows), whole[rows])
-    np.testing.assert_array_equal(cache.labels("train", rows=slice(2, 4)), np.arange(2, 4) % 3)

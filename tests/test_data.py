@@ -373,7 +373,10 @@ def test_fingerprint_tracks_content() -> None:
     assert Split.of((x, y)).fingerprint() == fp
     changed = y.clone()
     changed[13] = 0
-    assert Split.of(ArrayDataset(x, changed)).fingerprint() != fp
+    assert Split.of(ArrayDataset(x, changed)).fingerprint() == fp  # labels are fitted, not extracted
+    moved = x.clone()
+    moved[13, 0] += 1
+    assert Split.of(ArrayDataset(moved, y)).fingerprint() != fp
     assert Split.of(ArrayDataset(x.reshape(20, 3, 1), y)).fingerprint() != fp
     assert Split.of(ArrayDataset(x.double(), y)).fingerprint() != fp  # x keeps its dtype, so the dtype counts
 
@@ -387,11 +390,18 @@ def test_fingerprint_of_in_memory_data_is_the_same_whatever_its_wrapper() -> Non
 
 def test_fingerprint_of_tensor_dataset_and_loader_hash_every_sample() -> None:
     x, y = torch.randn(100, 3), torch.arange(100) % 5
-    late = y.clone()
-    late[90] = 4
-    assert Split.of(TensorDataset(x, late)).fingerprint() != Split.of(TensorDataset(x, y)).fingerprint()
-    assert (Split.of(DataLoader(ArrayDataset(x, late), batch_size=8)).fingerprint()
+    late = x.clone()
+    late[90, 2] = 4
+    assert Split.of(TensorDataset(late, y)).fingerprint() != Split.of(TensorDataset(x, y)).fingerprint()
+    assert (Split.of(DataLoader(ArrayDataset(late, y), batch_size=8)).fingerprint()
             != Split.of(DataLoader(ArrayDataset(x, y), batch_size=8)).fingerprint())
+
+
+def test_fingerprint_of_token_labels_tracks_which_tokens_are_samples_not_their_values() -> None:
+    ids, y = torch.arange(12).view(3, 4), torch.tensor([[1, 2, -100, 0], [0, 0, 1, -100], [2, -100, -100, 1]])
+    fp = Split.of((ids, y)).fingerprint()
+    assert Split.of((ids, y.masked_fill(y == 2, 1))).fingerprint() == fp
+    assert Split.of((ids, y.masked_fill(y == 2, -100))).fingerprint() != fp
 
 
 def test_fingerprint_of_generic_dataset_uses_first_samples() -> None:
@@ -399,10 +409,10 @@ def test_fingerprint_of_generic_dataset_uses_first_samples() -> None:
     fp = Split.of(ItemDataset(x, y)).fingerprint()
     assert Split.of(ItemDataset(x.clone(), y.clone())).fingerprint() == fp
     assert Split.of(DataLoader(ItemDataset(x, y), batch_size=7, shuffle=True)).fingerprint() == fp  # by its dataset
-    early, late = y.clone(), y.clone()
-    early[3], late[90] = 4, 4
-    assert Split.of(ItemDataset(x, early)).fingerprint() != fp
-    assert Split.of(ItemDataset(x, late)).fingerprint() == fp  # the documented limitation: only the first 64 are hashed
+    early, late = x.clone(), x.clone()
+    early[3, 0], late[90, 0] = 4, 4
+    assert Split.of(ItemDataset(early, y)).fingerprint() != fp
+    assert Split.of(ItemDataset(late, y)).fingerprint() == fp  # the documented limitation: only the first 64 are hashed
 
 
 def test_split_shard() -> None:
@@ -434,3 +444,20 @@ def test_batch_calls_the_model_as_its_inputs_say() -> None:
     for inputs in (torch.zeros(2, 3), (torch.zeros(2, 3), torch.ones(2)), {"a": torch.zeros(2), "b": torch.ones(2)}):
         Batch(inputs, y).call(model)
     assert seen == [(1, []), (2, []), (0, ["a", "b"])]
+
+
+def test_group_split_keeps_every_group_on_one_side_and_sizes_close() -> None:
+    from linprobe.data import group_split
+
+    g = torch.Generator().manual_seed(0)
+    groups = torch.randint(0, 60, (1000,), generator=g)  # 60 sources of about 17 samples
+    data = ArrayDataset(torch.arange(1000)[:, None].float(), torch.arange(1000) % 4)
+    parts = group_split(data, (0.6, 0.2, 0.2), groups, seed=1)
+    seen = [set(groups[p.x[:, 0].long()].tolist()) for p in parts]
+    assert all(not (a & b) for i, a in enumerate(seen) for b in seen[i + 1:])  # no group on two sides
+    assert sum(len(p) for p in parts) == 1000
+    assert all(abs(len(p) - 1000 * f) <= 40 for p, f in zip(parts, (0.6, 0.2, 0.2)))  # within about two groups
+    again = group_split(data, (0.6, 0.2, 0.2), groups, seed=1)
+    assert all(torch.equal(a.x, b.x) for a, b in zip(parts, again))
+    with pytest.raises(ValueError, match="one group id per sample"):
+        group_split(data, (0.5, 0.5), groups[:10])

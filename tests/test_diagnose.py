@@ -73,3 +73,13 @@ def test_thresholds_scale_with_chance_and_non_error_metrics_are_refused() -> Non
     with pytest.raises(ValueError, match="error metric"):
         diagnose(result, metric="cross_entropy")
     assert describe([]).startswith("- nothing to report")
+
+
+def test_a_difference_of_one_valid_sample_is_never_a_finding() -> None:
+    result = ProbeResult([LayerInfo(n, (4,), 4, 4, {"kind": "none"}, 0.9) for n in "abc"],
+                         meta={"samples": {"valid": 20}})
+    for layer, err in zip("abc", (0.10, 0.15, 0.10)):  # b is worse than both neighbours by one of 20 samples
+        result.add(0, layer, "valid", {"top1_error": err})
+    assert diagnose(result, kink=0.01) == []
+    result.meta["samples"]["valid"] = 20_000  # the same rates on 20,000 samples: far beyond noise
+    assert [type(f).__name__ for f in diagnose(result, kink=0.01)] == ["Kink"]

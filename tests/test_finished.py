@@ -49,9 +49,13 @@ def test_results_files_and_table(tmp_path, small_net, digits_splits):
                       cache_dir=tmp_path, progress=False)
     assert result.names == ["input", "conv", "layer1", "head"]  # execution order
     rows = list(csv.DictReader((tmp_path / "results.csv").open()))
-    assert list(rows[0]) == ["step", "layer", "split", "metric", "value"]
-    assert {r["metric"] for r in rows} == {"top1_error", "top5_error", "cross_entropy", "balanced_error", "l2"}
-    assert len(rows) == 4 * (3 * 4 + 1)
+    assert list(rows[0]) == ["step", "task", "layer", "split", "metric", "value", "lo", "hi"]
+    assert {r["metric"] for r in rows} == {"top1_error", "top5_error", "cross_entropy", "balanced_error", "macro_f1",
+                                           "l2"}
+    assert len(rows) == 4 * (3 * 5 + 1)
+    errors = [r for r in rows if r["metric"] in ("top1_error", "top5_error", "balanced_error", "macro_f1")]
+    assert all(float(r["lo"]) <= float(r["value"]) <= float(r["hi"]) for r in errors)  # every error has its interval
+    assert {r["task"] for r in rows} == {"main"}
     assert result.value("conv", "valid", "l2") == result.layers[1].l2
     assert json.dumps(lp.ProbeResult.load(tmp_path).to_dict()) == json.dumps(result.to_dict())
     assert (tmp_path / "errors.png").stat().st_size > 1000
@@ -100,11 +104,12 @@ def test_test_labels_do_not_influence_selection(monkeypatch, digits_splits):
     train, valid, test = digits_splits
     shuffled = ArrayDataset(test.x, test.y[torch.randperm(len(test.y), generator=torch.Generator().manual_seed(0))])
     events = []
-    real_labels, real_fit = FeatureCache.labels, finished.fit_paths
-    monkeypatch.setattr(FeatureCache, "labels", lambda self, split, **k: events.append(split) or real_labels(self, split, **k))
+    real_evaluate, real_fit = finished.evaluate, finished.fit_paths
+    assert len(test) not in (len(train), len(valid))  # an evaluation on test is told by its length
+    monkeypatch.setattr(finished, "evaluate", lambda task, out, y: events.append(len(y)) or real_evaluate(task, out, y))
     monkeypatch.setattr(finished, "fit_paths", lambda *a, **k: events.append("fit") or real_fit(*a, **k))
     a = lp.probe(nn.Flatten(), train, valid, test, layers="all", progress=False)
-    assert events.index("test") > max(i for i, e in enumerate(events) if e == "fit")
+    assert events.index(len(test)) > max(i for i, e in enumerate(events) if e == "fit")
     b = lp.probe(nn.Flatten(), train, valid, shuffled, layers="all", progress=False)
     keep = [r for r in a.rows if r.split != "test"]
     assert keep == [r for r in b.rows if r.split != "test"]

@@ -19,24 +19,30 @@ from linprobe.html_report import write_report
 
 
 class _Cells(HTMLParser):
-    """The (layer, split) -> raw value cells of the per-layer table, and every src/href."""
+    """The (task, layer, split, metric) -> raw value cells of the per-layer tables, their tooltips, and every
+    src/href."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.layer, self.cells, self.links = "", {}, []
+        self.task, self.layer, self.cells, self.titles, self.links = "", "", {}, {}, []
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         a = dict(attrs)
+        if tag == "table" and "data-task" in a:
+            self.task = a["data-task"] or ""
         if tag == "tr" and "data-layer" in a:
             self.layer = a["data-layer"] or ""
         if tag == "td" and a.get("data-value"):
-            self.cells[(self.layer, a["data-split"])] = a["data-value"]
+            key = (self.task, self.layer, a["data-split"], a["data-metric"])
+            self.cells[key], self.titles[key] = a["data-value"], a.get("title")
         self.links += [v for k, v in attrs if k in ("src", "href") and v]
 
 
-def _csv_errors(folder: Path) -> dict[tuple[str, str], str]:
+def _csv_errors(folder: Path) -> dict[tuple[str, str, str, str], str]:
+    """The numbers the report shows: top-1 error per split and the control task's selectivity on valid and test."""
     with open(folder / "results.csv") as f:
-        return {(r["layer"], r["split"]): r["value"] for r in csv.DictReader(f) if r["metric"] == "top1_error"}
+        return {(r["task"], r["layer"], r["split"], r["metric"]): r["value"] for r in csv.DictReader(f)
+                if r["metric"] == "top1_error" or (r["metric"] == "selectivity" and r["split"] != "train")}
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +53,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     x[:, :3] += 2 * np.eye(3)[y]
     model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
     lp.probe(model, (x[:80], y[:80]), (x[80:100], y[80:100]), test=(x[100:], y[100:]), cache_dir=folder,
-             l2_path=(1.0, 0.1), progress=False)
+             l2_path=(1.0, 0.1), progress=False, tasks={"control": lp.control_task()})
     return folder
 
 
@@ -55,7 +61,12 @@ def test_probe_writes_a_self_contained_report_with_the_tables_numbers(run):
     page = (run / "report.html").read_text()
     cells = _Cells()
     cells.feed(page)
-    assert cells.cells == _csv_errors(run) and len(cells.cells) == 4 * 3  # input and three modules, three splits
+    assert cells.cells == _csv_errors(run) and len(cells.cells) == 4 * (3 + 3 + 2)  # 4 layers; 2 tasks, selectivity
+    with open(run / "results.csv") as f:
+        lo, hi = next((r["lo"], r["hi"]) for r in csv.DictReader(f) if (r["task"], r["layer"], r["split"],
+                                                                          r["metric"]) == ("main", "2", "test",
+                                                                                           "top1_error"))
+    assert cells.titles[("main", "2", "test", "top1_error")] == f"95% interval {float(lo):.4f} to {float(hi):.4f}"
     assert cells.links and all(link.startswith("data:image/") for link in cells.links)  # nothing to fetch
     assert '"seed": 0' in html.unescape(page) and "Error per layer" in page  # provenance and the figure
 

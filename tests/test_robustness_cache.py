@@ -56,7 +56,7 @@ def _fill(root: Path, n: int = 6) -> FeatureCache:
     cache.set_layers(["a", "b"], {"a": {"shape": [3], "reduction": {"kind": "none"}, "features": 3},
                                   "b": {"shape": [2], "reduction": {"kind": "none"}, "features": 2}})
     writer = cache.writer("train", n)
-    writer.write({"a": torch.ones(n, 3), "b": torch.zeros(n, 2)}, torch.arange(n) % 2, torch.arange(n))
+    writer.write({"a": torch.ones(n, 3), "b": torch.zeros(n, 2)}, torch.arange(n))
     cache.complete("train", "d", [writer.commit()])
     return cache
 

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from linprobe.cache import FeatureCache
 from linprobe.data import as_labels
-from linprobe.finished import _classes, _encode
+from linprobe.tasks import _classes
 from linprobe.reduce import parse_reduction, reduction_from_dict
 
 FUZZ = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -44,21 +44,19 @@ def test_cache_round_trip_in_any_batch_split(tmp_path_factory, n, widths, dtype,
     root = tmp_path_factory.mktemp("cache")
     names = [f"l{i}" for i in range(len(widths))]
     feats = {name: torch.randn(n, w) * 100 for name, w in zip(names, widths)}
-    labels = torch.tensor(data.draw(st.lists(st.integers(0, 9), min_size=n, max_size=n)))
     cache = FeatureCache(root, "k")
     cache.set_layers(names, {name: {"shape": [w], "reduction": {"kind": "none"}, "features": w}
                              for name, w in zip(names, widths)})
     writer = cache.writer("train", n, dtype=dtype)
     bounds = sorted({0, n, *(c for c in cuts if c < n)})
     for a, b in zip(bounds, bounds[1:]):
-        writer.write({k: v[a:b] for k, v in feats.items()}, labels[a:b], torch.arange(a, b))
+        writer.write({k: v[a:b] for k, v in feats.items()}, torch.arange(a, b))
     cache.complete("train", "d", [writer.commit()])
     again = FeatureCache(root, "k")
     for name in names:
         got = again.features("train", name)
         assert got.dtype == np.dtype(dtype)
         np.testing.assert_array_equal(got, feats[name].numpy().astype(dtype))
-    np.testing.assert_array_equal(again.labels("train"), labels.numpy())
 
 
 @FUZZ
@@ -66,9 +64,9 @@ def test_cache_round_trip_in_any_batch_split(tmp_path_factory, n, widths, dtype,
 def test_any_whole_labels_map_to_0_k_and_back(values, as_float) -> None:
     assume(len(set(values)) >= 2)
     y = as_labels(np.array(values, dtype=np.float64 if as_float else np.int64))
-    classes = _classes(y)
-    coded = _encode(y, classes, "train")
-    assert classes.tolist() == sorted(set(values))
+    found = _classes("main", {"train": y})
+    classes, coded = torch.tensor(found.classes), found.splits["train"]
+    assert found.classes == sorted(set(values))
     assert coded.min() == 0 and coded.max() == len(classes) - 1
     assert torch.equal(classes[coded], y)
 

@@ -85,7 +85,8 @@ def unbalanced_result() -> lp.ProbeResult:
 def test_non_contiguous_labels_are_mapped_and_reported(unbalanced_result: lp.ProbeResult) -> None:
     assert unbalanced_result.meta["classes"] == [3, 7]
     assert unbalanced_result.probes["input"].num_classes == 2  # not eight, so no top-5 error either
-    assert {r.metric for r in unbalanced_result.rows} == {"l2", "top1_error", "cross_entropy", "balanced_error"}
+    assert {r.metric for r in unbalanced_result.rows} == {"l2", "top1_error", "cross_entropy", "balanced_error",
+                                                          "macro_f1", "auroc"}
     assert unbalanced_result.layers[0].chance_error == pytest.approx(0.1)
 
 
