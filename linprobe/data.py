@@ -379,6 +379,32 @@ def stratified_split(data: ArrayDataset, sizes: Sequence[float | int], *, seed: 
     return [data.subset(torch.from_numpy(shuffled[part[shuffled] == k])) for k in range(len(counts))]
 
 
+def group_split(data: ArrayDataset, sizes: Sequence[float | int], groups: Any, *, seed: int = 0) -> list[ArrayDataset]:
+    """Split into disjoint parts of about the given sizes (fractions summing to <= 1, or integer counts) keeping every
+    group whole: all tokens, crops or sentences of one source (``groups``: one id per sample) land in one part, so no
+    probe is evaluated on a source it was trained on. Groups are taken in a seeded random order, each into the part
+    furthest below its size; sizes are met to within one group."""
+    if not isinstance(data, ArrayDataset):
+        raise TypeError(f"group_split needs an ArrayDataset, got {type(data).__name__}; wrap arrays with "
+                        "ArrayDataset(x, y)")
+    ids = np.asarray(groups.cpu() if isinstance(groups, Tensor) else groups)
+    if ids.shape != (len(data),):
+        raise ValueError(f"groups has shape {ids.shape} for {len(data)} samples: give one group id per sample")
+    counts = _part_counts(sizes, len(data))
+    _, group, members = np.unique(ids, return_inverse=True, return_counts=True)
+    if len(members) < len(counts):
+        raise ValueError(f"{len(members)} group(s) cannot fill {len(counts)} parts: every part needs a whole group")
+    rng = np.random.default_rng(seed)
+    target = np.append(counts, len(data) - counts.sum()).astype(np.float64)  # the last part: samples left out
+    need = target.copy()
+    part_of = np.empty(len(members), dtype=np.int64)
+    for g in rng.permutation(len(members)):  # a loop over groups (not samples), each a few operations
+        part_of[g] = int(np.argmax(need / np.maximum(target, 1)))  # the part furthest below its size, relatively
+        need[part_of[g]] -= members[g]
+    part = part_of[group]
+    return [data.subset(torch.from_numpy(np.flatnonzero(part == k))) for k in range(len(counts))]
+
+
 def standard_splits(spec: str, *, seed: int = 0, valid_fraction: float = 0.1, test_fraction: float = 0.2,
                     limit: int | None = None) -> dict[str, ArrayDataset]:
     """Train/valid/test splits of a dataset spec: a shipped test set is kept and valid is carved out of train,

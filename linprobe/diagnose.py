@@ -3,7 +3,9 @@
 ``diagnose(result)`` returns findings as small dataclasses; ``describe(findings)`` turns them into
 markdown lines. Layers are taken in the result's execution order, so "the layer before" is the
 parent on a plain stack and the previous layer run on a branched model. Every threshold is a
-fraction of the chance error, so the same defaults serve 2 or 1000 classes:
+fraction of the chance error, so the same defaults serve 2 or 1000 classes, and every difference a
+finding rests on must also lie beyond noise: a two-proportion test at ``level`` on the split's number
+of evaluated samples (``meta["samples"]``), so a "kink" of one valid image is never reported:
 
 - **dead segment** (001 Fig. 6, 002 Fig. 8, the skip-connection pathology): consecutive layers that
   did not learn since the first measured step, right before a layer that is suddenly much better and
@@ -15,11 +17,15 @@ fraction of the chance error, so the same defaults serve 2 or 1000 classes:
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from linprobe.results import ProbeResult
 from linprobe.taps import INPUT
+from linprobe.uncertainty import differs_beyond_noise
+
+Beyond = Callable[[float, float, float], bool]
+"""``beyond(high, low, threshold)``: ``high`` exceeds ``low`` by the threshold and by more than noise."""
 
 
 @dataclass(frozen=True)
@@ -93,7 +99,7 @@ Finding = DeadSegment | GarbageForward | Lag | Kink
 
 def diagnose(result: ProbeResult, *, split: str = "valid", metric: str = "top1_error", learn: float = 0.1,
              drop: float = 0.25, climb: float = 0.25, dip: float = 0.05, lag: float = 0.1, kink: float = 0.03,
-             min_layers: int = 2) -> list[Finding]:
+             min_layers: int = 2, level: float = 0.95) -> list[Finding]:
     """Findings from ``metric`` on ``split`` over every measured step, thresholds as fractions of chance; layers
     missing at some step (found invalid, not measured) are left out.
 
@@ -101,7 +107,8 @@ def diagnose(result: ProbeResult, *, split: str = "valid", metric: str = "top1_e
     much better than the last dead layer its successor must be; ``climb``: the rise with depth that counts
     as garbage forward-prop, ``dip`` the fall that ends a climb; ``lag``: how far behind the best earlier
     layer counts as lagging; ``kink``: how much worse than both neighbours; ``min_layers``: the shortest
-    dead segment, climb or lag reported.
+    dead segment, climb or lag reported. ``level``: the confidence at which a difference must lie beyond noise
+    (on the split's evaluated samples, when the result records how many; thresholds alone otherwise).
     """
     if not metric.endswith("error"):
         raise ValueError(f"diagnose reads an error metric (top1_error, online_top1_error, ...), not {metric!r}: "
@@ -110,6 +117,12 @@ def diagnose(result: ProbeResult, *, split: str = "valid", metric: str = "top1_e
         raise ValueError("the result has no rows: measure at least one step before diagnosing")
     chance = result.chance_error
     steps = result.steps
+    n = samples(result, split)
+
+    def beyond(high: float, low: float, threshold: float) -> bool:
+        """``high`` exceeds ``low`` by ``threshold`` and by more than noise."""
+        return high - low >= threshold and (n is None or differs_beyond_noise(high, low, n, level))
+
     grid = {s: result.errors(split, metric, s) for s in steps}
     names = [n for n in result.names if all(n in grid[s] for s in steps)]  # layers measured at every step
     grid = {s: {n: grid[s][n] for n in names} for s in steps}
@@ -117,11 +130,21 @@ def diagnose(result: ProbeResult, *, split: str = "valid", metric: str = "top1_e
         raise ValueError(f"no layer has {metric!r} on {split!r} at every step {steps}: pick a split and metric "
                          "the result measured throughout")
     findings: list[Finding] = []
-    findings += _dead_segments(names, grid, steps, learn * chance, drop * chance, min_layers)
-    findings += _climbs(names, list(grid[steps[0]].values()), steps[0], climb * chance, dip * chance, min_layers)
-    findings += _lags(names, grid, steps, lag * chance, min_layers)
-    findings += [Kink(names[i], s, rise) for s in steps for i, rise in _kinks(list(grid[s].values()), kink * chance)]
+    findings += _dead_segments(names, grid, steps, learn * chance, drop * chance, min_layers, beyond)
+    findings += _climbs(names, list(grid[steps[0]].values()), steps[0], climb * chance, dip * chance, min_layers,
+                        beyond)
+    findings += _lags(names, grid, steps, lag * chance, min_layers, beyond)
+    findings += [Kink(names[i], s, rise) for s in steps
+                 for i, rise in _kinks(list(grid[s].values()), kink * chance, beyond)]
     return findings
+
+
+def samples(result: ProbeResult, split: str) -> int | None:
+    """How many samples ``split``'s numbers were measured on (the smallest over the result's parts); None when the
+    result does not say."""
+    counts = [part.get("samples", {}).get(split) for part in [result.meta, *result.meta.get("parts", [])]]
+    known = [c for c in counts if c]
+    return min(known) if known else None
 
 
 def describe(findings: Sequence[Finding]) -> str:
@@ -132,13 +155,13 @@ def describe(findings: Sequence[Finding]) -> str:
 
 
 def _dead_segments(names: list[str], grid: dict[int, dict[str, float]], steps: list[int], learn: float,
-                   drop: float, min_layers: int) -> list[DeadSegment]:
+                   drop: float, min_layers: int, beyond: Beyond) -> list[DeadSegment]:
     """Per later step: runs of non-learning layers (the input excluded) ended by a sharp drop, learning after it."""
     first = grid[steps[0]]
     found: dict[tuple[int, int], list[int]] = {}
     for s in steps[1:]:
         now = grid[s]
-        learned = [first[n] - now[n] >= learn for n in names]
+        learned = [beyond(first[n], now[n], learn) for n in names]
         start = None
         for i, name in enumerate(names):
             if learned[i] or name == INPUT:  # the input cannot learn: never part of a dead segment
@@ -146,7 +169,7 @@ def _dead_segments(names: list[str], grid: dict[int, dict[str, float]], steps: l
                 continue
             start = i if start is None else start
             nxt = i + 1
-            if (nxt < len(names) and now[name] - now[names[nxt]] >= drop and any(learned[nxt:])
+            if (nxt < len(names) and beyond(now[name], now[names[nxt]], drop) and any(learned[nxt:])
                     and nxt - start >= min_layers):
                 found.setdefault((start, i), []).append(s)
                 start = None
@@ -155,7 +178,7 @@ def _dead_segments(names: list[str], grid: dict[int, dict[str, float]], steps: l
 
 
 def _climbs(names: list[str], errors: list[float], step: int, climb: float, dip: float,
-            min_layers: int) -> list[GarbageForward]:
+            min_layers: int, beyond: Beyond) -> list[GarbageForward]:
     """Stretches where the error rises with depth by ``climb``; a fall of more than ``dip`` below the peak ends one."""
     out, start = [], 0
     for end in range(1, len(errors) + 1):
@@ -164,34 +187,35 @@ def _climbs(names: list[str], errors: list[float], step: int, climb: float, dip:
         seg = errors[start:end]
         peak = start + seg.index(max(seg))
         low = start + errors[start:peak + 1].index(min(errors[start:peak + 1]))
-        if errors[peak] - errors[low] >= climb and peak - low + 1 >= min_layers:
+        if beyond(errors[peak], errors[low], climb) and peak - low + 1 >= min_layers:
             out.append(GarbageForward(names[low], names[peak], peak - low + 1, step, errors[low], errors[peak]))
         start = end
     return out
 
 
 def _lags(names: list[str], grid: dict[int, dict[str, float]], steps: list[int], lag: float,
-          min_layers: int) -> list[Lag]:
+          min_layers: int, beyond: Beyond) -> list[Lag]:
     """Runs of layers behind the best earlier layer at a middle step but not at the last."""
-    def behind(errors: dict[str, float]) -> list[float]:
+    def behind(errors: dict[str, float]) -> list[tuple[float, float]]:
+        """Each layer's error and the best error before it (its own for the first)."""
         values = list(errors.values())
-        return [0.0] + [values[i] - min(values[:i]) for i in range(1, len(values))]
+        return [(values[0], values[0])] + [(values[i], min(values[:i])) for i in range(1, len(values))]
 
     final = behind(grid[steps[-1]])
     out = []
     for s in steps[1:-1]:
         now = behind(grid[s])
-        lagging = [now[i] >= lag and final[i] < lag for i in range(len(names))]
+        lagging = [beyond(*now[i], lag) and not beyond(*final[i], lag) for i in range(len(names))]
         for a, b in _runs(lagging):
             if b - a + 1 >= min_layers:
-                out.append(Lag(names[a], names[b], b - a + 1, s, max(now[a:b + 1]), steps[-1]))
+                out.append(Lag(names[a], names[b], b - a + 1, s, max(e - best for e, best in now[a:b + 1]), steps[-1]))
     return out
 
 
-def _kinks(errors: list[float], kink: float) -> list[tuple[int, float]]:
-    """Positions worse than both neighbours by at least ``kink``, with the smaller of the two rises."""
-    rises = [(i, min(errors[i] - errors[i - 1], errors[i] - errors[i + 1])) for i in range(1, len(errors) - 1)]
-    return [(i, r) for i, r in rises if r >= kink]
+def _kinks(errors: list[float], kink: float, beyond: Beyond) -> list[tuple[int, float]]:
+    """Positions worse than both neighbours by at least ``kink`` (and noise), with the smaller of the two rises."""
+    return [(i, min(errors[i] - errors[i - 1], errors[i] - errors[i + 1])) for i in range(1, len(errors) - 1)
+            if beyond(errors[i], errors[i - 1], kink) and beyond(errors[i], errors[i + 1], kink)]
 
 
 def _runs(flags: list[bool]) -> list[tuple[int, int]]:

@@ -44,6 +44,7 @@ from linprobe.ridge import fit_ridge_paths
 from linprobe.solvers import DEFAULT_L2_PATH, FitSettings, fit_paths, group_key
 from linprobe.taps import LayerSpec, Plan, RepeatPolicy, Selector, Taps, TokenReduction, frozen
 from linprobe.tasks import Targets, TaskSpec, baselines, describe_spec, resolve
+from linprobe.uncertainty import differs_beyond_noise
 
 log = logging.getLogger(__name__)
 
@@ -173,6 +174,7 @@ def probe(model: nn.Module, train: Any, valid: Any, test: Any = None, *, layers:
                                  warm_start, distribute, standardize)
         _warn_unfinished(result, max_iter, step)
         _warn_invalid(result)
+        _note_overfitting(result)
         skipped = cache.manifest.get("plan", {}).get("skipped")
         if skipped:
             result.meta["skipped"] = dict(skipped)
@@ -208,6 +210,26 @@ def _warn_invalid(result: ProbeResult) -> None:
         first = next(iter(invalid.items()))
         warnings.warn(f"{len(invalid)} layer(s) hold NaN or Inf and got no probe (first: {first[0]}: {first[1]}; see "
                       "result.meta['invalid'])", stacklevel=3)
+
+
+OVERFIT_TRAIN, OVERFIT_GAP = 0.01, 0.05
+
+
+def _note_overfitting(result: ProbeResult) -> None:
+    """Name the probes that fit train almost perfectly (top-1 error <= 1%) while their valid error is at least 5
+    points higher, beyond noise: the paper's overfitting case (section 3.4), which a reviewer checks. They go into
+    ``meta["overfit"]`` and one logged warning that says what helps."""
+    train, valid = result.errors("train"), result.errors("valid")
+    n = result.meta.get("samples", {}).get("valid")
+    found = {layer: f"train top-1 error {train[layer]:.3f}, valid {valid[layer]:.3f}" for layer in train
+             if layer in valid and train[layer] <= OVERFIT_TRAIN and valid[layer] - train[layer] >= OVERFIT_GAP
+             and (n is None or differs_beyond_noise(valid[layer], train[layer], n))}
+    if found and distributed.rank() == 0:
+        result.meta["overfit"] = found
+        names = ", ".join(list(found)[:5]) + (", ..." if len(found) > 5 else "")
+        log.warning("%d probe(s) fit train almost perfectly but not valid (%s; result.meta['overfit']): their "
+                    "errors measure the probe's overfitting as much as the layer; fewer features (reduce='pool', "
+                    "'subset:1000') or more training samples narrow the gap", len(found), names)
 
 
 def _temporary_root(stack: ExitStack) -> Path:
@@ -439,7 +461,8 @@ def _assemble(cache: FeatureCache, fitted: Mapping[str, Mapping[str, tuple[Linea
     """The result table and one bank per task, layers in execution order, test rows last; a baseline task's rows
     end with its selectivity."""
     main = tasks[0]
-    result = ProbeResult([], meta={"classes": main.classes, "tasks": {t.name: t.describe() for t in tasks}})
+    result = ProbeResult([], meta={"classes": main.classes, "tasks": {t.name: t.describe() for t in tasks},
+                                   "samples": {split: len(y) for split, y in main.splits.items()}})
     banks = {t.name: ProbeBank() for t in tasks}
     for name in cache.manifest["order"]:
         meta = cache.layers[name]
@@ -466,6 +489,11 @@ def _assemble(cache: FeatureCache, fitted: Mapping[str, Mapping[str, tuple[Linea
             if "test" in evaluations:
                 result.add(step, probe.layer, "test", evaluations["test"].metrics, task=task.name,
                            intervals=evaluations["test"].intervals)
+    for task in tasks:
+        for probe in banks[task.name]:
+            for split, found in fitted[task.name][probe.layer][1].items():
+                result.predictions[f"{step}/{task.name}/{split}/{probe.layer}"] = _compact(found.predictions)
+                result.predictions.setdefault(f"{step}/{task.name}/{split}/:targets", _compact(task.splits[split]))
     for baseline, of in baselines(tasks).items():
         for probe in banks[baseline]:
             for split, found in fitted[baseline][probe.layer][1].items():
@@ -477,6 +505,15 @@ def _assemble(cache: FeatureCache, fitted: Mapping[str, Mapping[str, tuple[Linea
     if unfinished:
         result.meta["not_converged"] = unfinished
     return result, banks
+
+
+def _compact(values: torch.Tensor) -> np.ndarray:
+    """Predictions or targets as the smallest numpy type that holds them: class codes in int16 (int32 beyond),
+    values in float32."""
+    array = values.detach().cpu().numpy()
+    if array.dtype.kind == "f":
+        return array.astype(np.float32)
+    return array.astype(np.int16 if array.size == 0 or array.max() < 2**15 else np.int32)
 
 
 def _earlier(bank: ProbeBank | None, probe: LinearProbe) -> LinearProbe | None:

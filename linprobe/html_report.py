@@ -48,6 +48,8 @@ def _context(folder: Path, result: ProbeResult) -> dict[str, Any]:
     warnings = [f"{layer}: not converged ({why}); its errors are an unfinished fit's"
                 for layer, why in meta.get("not_converged", {}).items()]
     warnings += [f"{layer}: invalid ({why}); no probe" for layer, why in invalid.items()]
+    warnings += [f"{layer}: the probe overfits ({why}); fewer features or more samples narrow the gap"
+                 for layer, why in meta.get("overfit", {}).items()]
     diagnostics = folder / "diagnostics.md"
     return {"title": meta.get("model", folder.name), "layers": result.layers, "steps": result.steps, "step": step,
             "chance": result.chance_error if result.layers else float("nan"), "tasks": tasks,

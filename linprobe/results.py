@@ -11,9 +11,10 @@ from typing import Any
 
 import numpy as np
 
-from linprobe.atomic import atomic_write_text
+from linprobe.atomic import atomic_write_bytes, atomic_write_text
 
 COLUMNS = ("step", "task", "layer", "split", "metric", "value", "lo", "hi")
+PREDICTIONS = "predictions.npz"
 MAIN = "main"
 """The task of the data's own labels; other label sets are named by the caller (``probe(..., tasks=...)``)."""
 _TABLE_METRICS = {"top1_error": "top1", "top5_error": "top5", "balanced_error": "bal", "cross_entropy": "ce",
@@ -60,6 +61,9 @@ class ProbeResult:
     layers: list[LayerInfo]
     rows: list[Row] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
+    predictions: dict[str, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
+    """Per-sample predictions (class codes or values) keyed ``step/task/split/layer``, and the targets keyed
+    ``step/task/split/:targets``: what paired comparisons read; saved as ``predictions.npz``."""
 
     def add(self, step: int, layer: str, split: str, metrics: Mapping[str, float], *, task: str = MAIN,
             intervals: Mapping[str, tuple[float, float]] | None = None) -> None:
@@ -80,7 +84,8 @@ class ProbeResult:
                 invalid.setdefault(name, where)
         meta: dict[str, Any] = {"parts": [r.meta for r in results]}
         return cls(list(layers.values()), [row for r in results for row in r.rows],
-                   {**meta, "invalid": invalid} if invalid else meta)
+                   {**meta, "invalid": invalid} if invalid else meta,
+                   {k: v for r in results for k, v in r.predictions.items()})
 
     @property
     def chance_error(self) -> float:
@@ -124,6 +129,16 @@ class ProbeResult:
             if (r.step, r.task, r.layer, r.split, r.metric) == (step, task, layer, split, metric):
                 return r
         raise KeyError(f"no {metric} for layer {layer!r} on {split!r} at step {step} (task {task!r})")
+
+    def correct(self, layer: str, split: str = "test", step: int | None = None, *, task: str = MAIN) -> np.ndarray:
+        """Whether the probe of ``layer`` got each sample of ``split`` right (for
+        :func:`linprobe.uncertainty.paired_difference`: two layers, checkpoints or models on the same samples)."""
+        step = self.steps[-1] if step is None else step
+        key = f"{step}/{task}/{split}/{layer}"
+        if key not in self.predictions:
+            raise KeyError(f"no predictions of layer {layer!r} on {split!r} at step {step} (task {task!r}); "
+                           f"this result holds {len(self.predictions)} prediction arrays")
+        return self.predictions[key] == self.predictions[f"{step}/{task}/{split}/:targets"]
 
     def errors(self, split: str = "test", metric: str = "top1_error", step: int | None = None, *,
                task: str = MAIN) -> dict[str, float]:
@@ -191,16 +206,25 @@ class ProbeResult:
         return cls(layers, [Row(**r) for r in d["rows"]], d.get("meta", {}))
 
     def save(self, folder: str | Path) -> Path:
-        """Write ``results.csv`` and ``results.json`` into ``folder`` atomically; returns the folder."""
+        """Write ``results.csv``, ``results.json`` and (when there are any) ``predictions.npz`` into ``folder``
+        atomically; returns the folder."""
         folder = Path(folder)
         atomic_write_text(folder / "results.csv", self.to_csv())
         atomic_write_text(folder / "results.json", json.dumps(self.to_dict(), indent=1))
+        if self.predictions:
+            buf = io.BytesIO()
+            np.savez_compressed(buf, **self.predictions)
+            atomic_write_bytes(folder / PREDICTIONS, buf.getvalue())
         return folder
 
     @classmethod
     def load(cls, folder: str | Path) -> ProbeResult:
         """Read back what ``save`` wrote."""
-        return cls.from_dict(json.loads((Path(folder) / "results.json").read_text()))
+        result = cls.from_dict(json.loads((Path(folder) / "results.json").read_text()))
+        if (Path(folder) / PREDICTIONS).is_file():
+            with np.load(Path(folder) / PREDICTIONS) as saved:
+                result.predictions = {k: saved[k] for k in saved.files}
+        return result
 
     def plot(self, path: str | Path | None = None, *, split: str = "test", step: int | None = None) -> Any:
         """Error per layer with the chance line (see ``linprobe.plots.plot_layer_errors``)."""

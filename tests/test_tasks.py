@@ -130,7 +130,7 @@ def test_regression_probe_matches_scikit_learn_ridge(digits) -> None:
               zip(("train", "valid", "test"), digits)}
     result = lp.probe(nn.Flatten(), train, valid, test, layers="all", tasks={"y": values(**target)}, **FAST)
     probe = result.banks["y"]["input"]
-    std = lambda x: ((x.flatten(1) - probe.mean) / probe.std).numpy()  # noqa: E731 - linprobe's standardisation
+    std = lambda x: ((x.flatten(1) - probe.mean) / probe.std).numpy()  # linprobe's standardisation
     ridge = Ridge(alpha=probe.l2 * len(train.x)).fit(std(train.x), target["train"].numpy())
     for name, data in zip(("train", "valid", "test"), digits):
         expected = r2_score(target[name].numpy(), ridge.predict(std(data.x)))
