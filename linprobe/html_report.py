@@ -53,6 +53,7 @@ def _context(folder: Path, result: ProbeResult) -> dict[str, Any]:
     diagnostics = folder / "diagnostics.md"
     return {"title": meta.get("model", folder.name), "layers": result.layers, "steps": result.steps, "step": step,
             "chance": result.chance_error if result.layers else float("nan"), "tasks": tasks,
+            "heatmap": _heatmap(result) if len(result.steps) > 1 else None,
             "warnings": warnings, "figures": _figures(folder), "skipped": meta.get("skipped", {}),
             "diagnostics": diagnostics.read_text() if diagnostics.is_file() else "",
             "provenance": json.dumps(meta.get("provenance", {}), indent=1) or "{}"}
@@ -91,6 +92,28 @@ def _section(result: ProbeResult, task: str, step: int, invalid: dict[str, str])
     return {"name": task, "title": title, "labels": labels, "rows": rows,
             "note": "R^2 per split (1 is perfect, 0 is the training mean); gap: valid minus train" if metric == "r2"
             else "Errors are fractions; gap: valid minus train top-1 error (a large gap: the probe overfits)"}
+
+
+def _heatmap(result: ProbeResult, split: str = "valid") -> dict[str, Any]:
+    """The main task's top-1 error per layer (rows) and step (columns) as coloured cells, on the figures' absolute
+    scale (0 blue to chance red), each with its number and interval as a tooltip."""
+    from matplotlib.colors import to_hex
+
+    from linprobe.plots import ERROR_CMAP  # matplotlib only when a report has steps
+
+    chance = result.chance_error or 1.0
+    found = {(r.layer, r.step): r for r in result.rows if (r.task, r.split, r.metric) == (MAIN, split, "top1_error")}
+    rows = []
+    for info in result.layers:
+        cells = []
+        for step in result.steps:
+            row = found.get((info.name, step))
+            cell = _cell(row)
+            cell["colour"] = "#ffffff" if row is None else to_hex(ERROR_CMAP(min(row.value / chance, 1.0)))
+            cell["title"] = f"step {step}: {cell['text']}" + (f"; {cell['title']}" if cell.get("title") else "")
+            cells.append(cell)
+        rows.append({"name": info.name, "cells": cells})
+    return {"split": split, "steps": result.steps, "rows": rows}
 
 
 def _cell(row: Row | None) -> dict[str, Any]:

@@ -39,20 +39,46 @@ def save_figure(fig: Any, path: str | Path) -> Path:
 
 def plot_layer_errors(result: ProbeResult, path: str | Path | None = None, *, split: str = "test",
                       step: int | None = None, title: str | None = None) -> Any:
-    """Bar chart of top-1 error per layer on ``split`` (0 to 1) with the chance level dotted."""
+    """Bar chart of the main task's top-1 error per layer on ``split`` (0 to 1) with its confidence interval as
+    an error bar and the chance level dotted; every other classification task of the result (a control task, a
+    second label set) as a line of markers on the same axes, so a control task's selectivity is the height between
+    its line and the bars; regression tasks' R^2 (their ``r2_score``) as dashed lines."""
     errors = result.errors(split, step=step)
     names = list(errors)
     fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * len(names) + 2), 4))
-    ax.bar(range(len(names)), list(errors.values()), color="tab:blue")
+    lo, hi = _interval_bars(result, names, split, step)
+    ax.bar(range(len(names)), list(errors.values()), color="tab:blue", label="main",
+           yerr=None if lo is None else [lo, hi], error_kw={"elinewidth": 0.8, "capsize": 2, "ecolor": "#444"})
+    for task, about in result.meta.get("tasks", {}).items():
+        if task == "main":
+            continue
+        metric = "r2" if about["kind"] == "values" else "top1_error"
+        found = result.errors(split, metric, step, task=task)
+        ax.plot([names.index(n) for n in found if n in names], [v for n, v in found.items() if n in names],
+                marker="o", linestyle="--" if metric == "r2" else "-", linewidth=0.8, markersize=3,
+                label=f"{task} ({'R^2' if metric == 'r2' else 'error'})")
     chance = result.chance_error
     ax.axhline(chance, linestyle=":", color="black", label=f"chance ({chance:.2f})")
     ax.set_xticks(range(len(names)), names, rotation=60 if len(names) < 40 else 90, ha="right",
                   fontsize=8 if len(names) < 40 else 5)
     ax.set_ylim(0, 1)
     ax.set_ylabel(f"{split} error (linear probe)")
-    ax.set_title(title or f"probe {split} error per layer")
-    ax.legend(loc="upper right")
+    ax.set_title(title or f"probe {split} error per layer" + (", 95% intervals" if lo is not None else ""))
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)  # beside the axes, off the bars
     return save_figure(fig, path) if path is not None else fig
+
+
+def _interval_bars(result: ProbeResult, names: list[str], split: str,
+                   step: int | None) -> tuple[list[float] | None, list[float] | None]:
+    """The distances below and above each layer's top-1 error to its interval's ends; None when the result has
+    no intervals."""
+    try:
+        rows = [result.row(name, split, step=step) for name in names]
+    except KeyError:
+        return None, None
+    if any(r.lo is None or r.hi is None for r in rows):
+        return None, None
+    return [r.value - r.lo for r in rows], [r.hi - r.value for r in rows]  # type: ignore[operator]
 
 
 def plot_layer_curves(curves: dict[str, dict[str, float]], path: str | Path, *, ylabel: str = "probe error",

@@ -95,3 +95,28 @@ def test_report_renders_in_headless_chromium_without_console_errors(run, tmp_pat
     cells.feed(done.stdout)  # the DOM as the browser built it
     assert cells.cells == _csv_errors(run)
     assert not re.findall(r"CONSOLE.*(?:Uncaught|Error)", done.stderr)
+
+
+def test_a_run_with_steps_gets_a_heatmap_whose_cells_carry_their_intervals(run, tmp_path):
+    first = lp.ProbeResult.load(run)
+    later = lp.ProbeResult.from_dict(first.to_dict())
+    for row in later.rows:
+        row.step = 500
+    both = lp.ProbeResult.concat([first, later])
+    page = write_report(tmp_path, both).read_text()
+    heat = page[page.index('<table id="heatmap">'):]
+    heat = heat[:heat.index("</table>")]
+    row = both.row("2", "valid", step=500)
+    assert f'title="step 500: {row.value:.4f}; 95% interval {row.lo:.4f} to {row.hi:.4f}"' in heat
+    assert heat.count("<tr>") == 1 + len(both.layers) and heat.count('class="heat"') == 2 * len(both.layers)
+
+
+def test_the_per_layer_figure_draws_each_errors_interval_and_the_other_tasks(run):
+    result = lp.ProbeResult.load(run)
+    fig = result.plot()
+    ax = fig.axes[0]
+    bars = next(c for c in ax.containers if type(c).__name__ == "ErrorbarContainer")  # the 95% intervals
+    low, high = bars.lines[2][0].get_segments()[1][:, 1]
+    row = result.row(result.names[1], "test")
+    assert (low, high) == pytest.approx((row.lo, row.hi))
+    assert [line.get_label() for line in ax.lines if line.get_label().startswith("control")] == ["control (error)"]
