@@ -2,7 +2,8 @@
 
 Classification: ``top1_error`` and ``top5_error`` (more than five classes) with Wilson intervals,
 ``balanced_error`` and ``macro_f1`` (and ``auroc`` for two classes) with a seeded percentile bootstrap over the
-evaluated samples, and ``cross_entropy``. Regression: ``mse`` and ``r2`` (uniform over outputs), bootstrapped. The
+evaluated samples (for the first two, over their (prediction, label) pairs: the same resampling distribution at a
+cost in classes^2, not samples), and ``cross_entropy``. Regression: ``mse`` and ``r2`` (uniform over outputs), bootstrapped. The
 bootstrap draws the same resamples for every layer (seed 0), so intervals of two layers are comparable and a run
 is reproducible bit for bit; the predictions let :func:`linprobe.uncertainty.paired_difference` compare two
 layers, checkpoints or models on the same samples.
@@ -16,7 +17,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from linprobe.tasks import Targets
-from linprobe.uncertainty import bootstrap_intervals, classification_stats, regression_stats, wilson_interval
+from linprobe.uncertainty import (
+    bootstrap_intervals,
+    classification_stats,
+    regression_stats,
+    weighted_auroc,
+    wilson_interval,
+)
 
 BOOTSTRAP_SAMPLES = 1000
 LEVEL = 0.95
@@ -49,11 +56,16 @@ def evaluate(task: Targets, out: Tensor, y: Tensor) -> Evaluation:
         missed = ~(out.topk(5, dim=1).indices == y[:, None]).any(1)
         metrics["top5_error"] = missed.double().mean().item()
         intervals["top5_error"] = _wilson(missed.sum(), len(y))
-    both = classes == 2 and len(y.unique()) == 2  # AUROC needs both classes among the evaluated samples
-    stats = classification_stats(pred, y, classes, scores=(out[:, 1] - out[:, 0]) if both else None)
+    # balanced error and macro-F1 depend only on the (prediction, label) pairs: bootstrapped over those cells
+    cells, counts = (pred * classes + y).unique(return_counts=True)
+    stats = classification_stats(cells // classes, cells % classes, classes)
     del stats["error"]
-    metrics.update({name: _point(stat, len(y)) for name, stat in stats.items()})
-    intervals.update(bootstrap_intervals(stats, len(y), LEVEL, BOOTSTRAP_SAMPLES))
+    metrics.update({name: float(stat(counts[None].double())[0]) for name, stat in stats.items()})
+    intervals.update(bootstrap_intervals(stats, len(cells), LEVEL, BOOTSTRAP_SAMPLES, counts=counts))
+    if classes == 2 and len(y.unique()) == 2:  # AUROC needs both classes among the evaluated samples
+        auroc = {"auroc": weighted_auroc(out[:, 1] - out[:, 0], y)}
+        metrics["auroc"] = _point(auroc["auroc"], len(y))
+        intervals.update(bootstrap_intervals(auroc, len(y), LEVEL, BOOTSTRAP_SAMPLES))
     return Evaluation(metrics, intervals, pred)
 
 

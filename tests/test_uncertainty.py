@@ -274,3 +274,20 @@ def test_differs_beyond_noise_unpaired() -> None:
     assert not differs_beyond_noise(0.10, 0.13, 1000, level=0.99)  # needs z > 2.576
     assert not differs_beyond_noise(0.10, 0.13, (1000, 300))
     assert math.isclose(0.03 / math.sqrt(0.115 * 0.885 * 2 / 1000), 2.1027, abs_tol=1e-3)
+
+
+def test_bootstrap_over_prediction_label_cells_matches_the_per_sample_bootstrap():
+    """Balanced error and macro-F1 depend only on the (prediction, label) pairs: resampling those cells (a
+    multinomial of n over at most classes^2 cells) is the per-sample bootstrap's distribution, at a cost in cells."""
+    g = torch.Generator().manual_seed(5)
+    y = torch.randint(0, 4, (3000,), generator=g)
+    pred = torch.where(torch.rand(3000, generator=g) < 0.7, y, torch.randint(0, 4, (3000,), generator=g))
+    per_sample = bootstrap_intervals(classification_stats(pred, y, 4), 3000, samples=2000, seed=1)
+    cells, counts = (pred * 4 + y).unique(return_counts=True)
+    per_cell = bootstrap_intervals(classification_stats(cells // 4, cells % 4, 4), len(cells), samples=2000, seed=1,
+                                   counts=counts)
+    for name in ("error", "balanced_error", "macro_f1"):
+        assert per_cell[name] == pytest.approx(per_sample[name], abs=0.004)  # Monte Carlo noise of 2,000 draws
+    again = bootstrap_intervals(classification_stats(cells // 4, cells % 4, 4), len(cells), samples=2000, seed=1,
+                                counts=counts)
+    assert again == per_cell
