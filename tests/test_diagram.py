@@ -97,4 +97,4 @@ def test_diagram_experiment_draws_every_paper_model(tmp_path: Path) -> None:
     assert GAP in mlp["names"] and mlp["skips"] == {"input": "layer64"} and "layer64" in mlp["probed"]
     assert layouts["small_resnet"]["shapes"]["add_16"] == [256, 2, 2]
     assert lp.ProbeResult.load(tmp_path).rows == []  # nothing is measured
-    assert summary.agrees is None and (tmp_path / "summary.md").is_file()
+    assert summary.verdict is None and summary.checks == [] and (tmp_path / "summary.md").is_file()

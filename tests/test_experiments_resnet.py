@@ -64,7 +64,9 @@ def test_deep_additions_well_below_chance_and_not_worse_than_the_input(resnet_ru
     assert 0.0 <= result.meta["model_valid_error"] <= 1.0
 
 
-def test_depth_trend_counts_rises_and_ranks() -> None:
-    rho, rises = depth_trend({"a": 0.9, "b": 0.5, "c": 0.52, "d": 0.2})
+def test_depth_trend_counts_significant_rises_and_ranks() -> None:
+    errors = {"a": 0.9, "b": 0.5, "c": 0.52, "d": 0.2}
+    rho, rises = depth_trend(errors, 10_000)  # SE of the b->c difference about 0.7 points: 2 points count
     assert rho == pytest.approx(-0.8) and rises == [("b", "c", pytest.approx(0.02))]
-    assert depth_trend({"a": 0.3, "b": 0.2, "c": 0.1}) == (pytest.approx(-1.0), [])
+    assert depth_trend(errors, 1000)[1] == []  # on 1000 samples 2 points are noise
+    assert depth_trend({"a": 0.3, "b": 0.2, "c": 0.1}, 1000) == (pytest.approx(-1.0), [])

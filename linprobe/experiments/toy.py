@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 import linprobe as lp
-from linprobe.experiments.report import Summary
+from linprobe.experiments.report import Check, Summary, compare, listed, significant_steps, standard_error, with_se
 from linprobe.models import toy_mlp
 from linprobe.plots import plot_layer_errors
 
@@ -42,13 +42,13 @@ class Sizes:
 QUICK = Sizes(repetitions=2, train=5000, valid=1000, test=1000)
 FULL = Sizes(repetitions=100, train=5000, valid=1000, test=1000)
 NOTES = ["each repetition re-draws w, the data and the model's Glorot-normal weights (see the module docstring)",
-         "probes are the exact convex optimum (L-BFGS to convergence, L2 chosen on valid) where the paper trains "
+         ("probes are the exact convex optimum (L-BFGS to convergence, L2 chosen on valid) where the paper trains "
          "them with RMSProp; the deep layers level off below 0.5, and more probe data does not move that level "
          "(2,000, 5,000 and 10,000 training points gave the same last-five mean within 0.01 in our trials), so the "
-         "gap to 0.5 is what an optimal linear classifier can still read from the random layers",
-         f"L2 path {L2_PATH}: the full default path chose the same error on the deep layers at twice the cost; "
+         "gap to 0.5 is what an optimal linear classifier can still read from the random layers"),
+         (f"L2 path {L2_PATH}: the full default path chose the same error on the deep layers at twice the cost; "
          "weaker L2 helps only the input (separable), whose error is about 1 point lower with 1e-3 at 1.5 times "
-         "the cost"]
+         "the cost")]
 
 
 def separable_data(w: torch.Tensor, n: int, g: torch.Generator) -> lp.ArrayDataset:
@@ -98,27 +98,46 @@ def mean_over_repetitions(results: list[lp.ProbeResult]) -> lp.ProbeResult:
     return mean
 
 
-def findings(mean: lp.ProbeResult) -> list[str]:
-    """Our numbers for the summary: the input, a few depths, shallow against deep, the check on underflow."""
+def findings(mean: lp.ProbeResult, n: int) -> list[str]:
+    """Our numbers for the summary (SEs on ``n`` pooled test points): the input, a few depths, shallow against
+    deep, the check on underflow."""
     errors = mean.errors("test")
     hidden = list(errors.values())[1:]
     depths = [k for k in (1, 2, 4, 8, 16, 32, 64) if k <= len(hidden)]
-    return [f"input (layer 0): {errors['input']:.1%} (std over repetitions "
-            f"{mean.value('input', 'test', 'top1_error_std'):.1%})",
-            f"layers {', '.join(map(str, depths))}: " + ", ".join(f"{hidden[k - 1]:.1%}" for k in depths),
-            f"mean of layers 1-5: {statistics.fmean(hidden[:5]):.1%}; of the last five layers: "
-            f"{statistics.fmean(hidden[-5:]):.1%}",
-            f"layers with a higher error than the layer before: "
-            f"{sum(b > a for a, b in zip(errors.values(), hidden))} of {len(hidden)}",
-            f"root-mean-square activation of the last layer: {mean.meta['last_layer_rms']:.1e} (input: 1), "
-            "far above float32 underflow"]
+    return [(f"input (layer 0): {with_se(errors['input'], n)} (std over repetitions "
+            f"{mean.value('input', 'test', 'top1_error_std'):.1%})"),
+            f"layers {', '.join(map(str, depths))}: " + ", ".join(with_se(hidden[k - 1], n) for k in depths),
+            (f"mean of layers 1-5: {with_se(statistics.fmean(hidden[:5]), n)}; of the last five layers: "
+            f"{with_se(statistics.fmean(hidden[-5:]), n)}"),
+            (f"layers with a higher error than the layer before: "
+            f"{sum(b > a for a, b in zip(errors.values(), hidden))} of {len(hidden)}"),
+            (f"root-mean-square activation of the last layer: {mean.meta['last_layer_rms']:.1e} (input: 1), "
+            "far above float32 underflow")]
 
 
-def agrees(errors: dict[str, float]) -> bool:
-    """The paper's shape: near 0 on the input, deep layers (the last five) near a coin flip and worse than shallow."""
-    hidden = list(errors.values())[1:]
-    deep = statistics.fmean(hidden[-5:])
-    return errors["input"] < 0.05 and deep > 0.3 and deep > statistics.fmean(hidden[:5])
+def checks(errors: dict[str, float], n: int) -> list[Check]:
+    """The paper's claims tested on the mean test errors ``errors`` (the input, then the layers in depth order),
+    each a rate on ``n`` test points pooled over the repetitions.
+
+    Core: the error climbs with depth (the last five layers above the first five, those above the input, beyond
+    two SEs). Also: essentially 0 on the input (at most 2% within two SEs: a linear fit on a few thousand points
+    of a separable problem is not exact), the last five within 0.1 of a coin flip (within two SEs), and no layer
+    significantly below the one before it."""
+    if len(errors) < 11 or "input" not in errors:
+        raise ValueError(f"the toy's checks need the input and at least 10 layers, got {list(errors)}")
+    source = errors["input"]
+    hidden = {k: v for k, v in errors.items() if k != "input"}
+    first, deep = statistics.fmean(list(hidden.values())[:5]), statistics.fmean(list(hidden.values())[-5:])
+    falls = significant_steps(errors, n, direction=-1)
+    return [Check("the error climbs with depth", compare(source, first, n) > 0 and compare(first, deep, n) > 0,
+                  f"input {with_se(source, n)}, layers 1-5 {with_se(first, n)}, last five {with_se(deep, n)}",
+                  core=True),
+            Check("essentially 0 on the input (at most 2%)", source - 2 * standard_error(source, n) <= 0.02,
+                  f"input {with_se(source, n)}"),
+            Check("the deep layers near a coin flip (the last five within 0.1 of 0.5)",
+                  deep + 2 * standard_error(deep, n) >= 0.4, f"last five {with_se(deep, n)}"),
+            Check("monotone: no layer significantly below the one before it", not falls,
+                  f"significant falls: {listed(falls)}")]
 
 
 def run(out: Path, *, quick: bool = False, data: str = "mnist", seed: int = 0, progress: bool = True,
@@ -140,5 +159,6 @@ def run(out: Path, *, quick: bool = False, data: str = "mnist", seed: int = 0, p
                 "probe samples train/valid/test per repetition": f"{sizes.train}/{sizes.valid}/{sizes.test}",
                 "l2 path": L2_PATH, "reported error": "test split, mean over repetitions",
                 "torch threads": torch.get_num_threads(), "seed": seed}
-    return Summary("toy", CLAIM, findings(mean), agrees(mean.errors("test")), settings=settings,
+    n = sizes.test * sizes.repetitions
+    return Summary("toy", CLAIM, findings(mean, n), checks(mean.errors("test"), n), settings=settings,
                    figures=["toy.png"], tables=[mean.table(markdown=True)], notes=NOTES)
