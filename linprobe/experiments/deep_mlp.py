@@ -23,7 +23,7 @@ from linprobe.diagnose import Kink
 from linprobe.experiments.report import Check, Summary, compare, standard_error, with_se
 from linprobe.experiments.training import model_error, train_epochs
 from linprobe.models import DEEP_MLP_VARIANTS, MLP, deep_mlp
-from linprobe.plots import plot_error_by_depth
+from linprobe.plots import plot_error_by_depth, save_figure
 
 CLAIMS = {
     "plain": "the 128-layer MLP cannot be trained by gradient descent: its deep layers stay useless",
@@ -184,11 +184,15 @@ def train_and_probe(model: MLP, splits: dict[str, lp.ArrayDataset], settings: Se
 
 
 def plot_moments(result: lp.ProbeResult, out: Path, variant: str) -> list[str]:
-    """A bar chart of the error per layer for each moment, then the timeline (layer x minibatch heatmap, the
-    animation through the moments, ``diagnostics.md``); the figures' file names."""
-    paths = [plot_error_by_depth(result, out / f"errors_step{step}.png", step=step,
-                                 title=f"deep-mlp ({variant}): probe test error after {step} minibatches")
-             for step in result.steps]
+    """A bar chart of the error per layer for each moment (its legend beside the axes, where it cannot cover the
+    deep bars near chance), then the timeline (layer x minibatch heatmap, the animation through the moments,
+    ``diagnostics.md``); the figures' file names."""
+    paths = []
+    for step in result.steps:
+        fig = plot_error_by_depth(result, step=step,
+                                  title=f"deep-mlp ({variant}): probe test error after {step} minibatches")
+        fig.axes[0].legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, fontsize=8)
+        paths.append(save_figure(fig, out / f"errors_step{step}.png"))
     timeline = lp.save_timeline(result, out, split="test")
     return [p.name for p in [*paths, timeline["heatmap"], timeline["animation"]]]
 
@@ -244,10 +248,10 @@ def run_notes(settings: Settings, *, data: str, n_train: int, moments: list[int]
             "probes are exact (L-BFGS to convergence) on a fixed subset of the training images with the L2 chosen on "
             f"valid from the {len(settings.l2_path)}-point path {settings.l2_path}, so that {len(moments)} x {probes} "
             "probes fit the time budget (sizes under Settings)"),
-            (f"aux: heads after layers {every}, {2 * every}, ..., {depth - every} plus the classifier after {depth}, one "
-            f"loss every {every} layers as 002 describes (003's code puts them after layers 1, {every + 1}, ..., "
-            f"{depth - every + 1} and {depth}); skip: the input is concatenated into layer {skip} as 002 describes (003 "
-            "adds a projection of it instead)"),
+            (f"aux: heads after layers {every}, {2 * every}, ..., {depth - every} plus the classifier after {depth}, "
+             f"one loss every {every} layers as 002 describes (003's code puts them after layers 1, {every + 1}, ..., "
+             f"{depth - every + 1} and {depth}); skip: the input is concatenated into layer {skip} as 002 describes "
+             "(003 adds a projection of it instead)"),
             *([(f"quick: the design scaled to {depth} layers of {settings.width} units (see the module docstring), "
                f"lr {settings.lr:g}")] if quick else [])]
 

@@ -123,15 +123,13 @@ def fixed_reductions(first: lp.ProbeResult) -> dict[str, Reduction]:
 
 
 def draw_moments(model: SmallInception, results: Sequence[lp.ProbeResult], out: Path) -> list[str]:
-    """One diode diagram per moment, probes coloured by valid error on one colour scale shared by all moments."""
+    """One diode diagram per moment, probes coloured by valid error on the scale 0 to chance every figure shares."""
     main, branches = split_layout(inception_layout(model))
-    every = [r.errors("valid") for r in results]
-    lo, hi = min(min(e.values()) for e in every), max(max(e.values()) for e in every)
     names = []
-    for result, errors in zip(results, every):
+    for result in results:
         step = result.steps[0]
-        draw_model(main, out / f"inception_step_{step}.png", errors=errors, branches=branches,
-                   shapes={info.name: info.shape for info in result.layers}, vmin=lo, vmax=hi,
+        draw_model(main, out / f"inception_step_{step}.png", errors=result.errors("valid"), branches=branches,
+                   shapes={info.name: info.shape for info in result.layers}, chance=result.chance_error,
                    title=f"small Inception after {step} minibatches: model valid error "
                          f"{result.meta['model_valid_error']:.1%}; probes coloured by valid error")
         names.append(f"inception_step_{step}.png")
@@ -199,8 +197,8 @@ def _summary(results: Sequence[lp.ProbeResult], main: list[str], *, n_valid: int
                    figures=figures, tables=[_moments_table(results)],
                    notes=[(f"the raw pixels alone are linearly separable to {last.value('input', 'valid'):.0%} "
                           "error here, so no moment is 'all red' as the paper's ImageNet diagrams are at first "
-                          "(1000 classes, chance 0.999); the colour scale spans the smallest to the largest error "
-                          "over all moments"),
+                          "(1000 classes, chance 0.999); every diagram is coloured on one scale, 0 (blue) to chance "
+                          f"({last.chance_error:.2f}, red), as the heatmaps are"),
                           (f"layers with no more features than the subset size keep all of them ({', '.join(kept)}), "
                           "the unfairness the paper's Appendix C mentions"),
                           "the paper itself calls the auxiliary head's lead small and not necessarily lasting"])

@@ -78,7 +78,7 @@ def draw_figures(model: torch.nn.Module, result: lp.ProbeResult, out: Path) -> l
                               chance=result.chance_error,
                               title="small ResNet (ResNet-50 layout): probe valid error per layer (cf. Fig. 4b)")
     draw_model(model_layers(model), out / "resnet_diagram.png", errors=errors, probed=list(errors),
-               shapes={info.name: info.shape for info in result.layers},
+               shapes={info.name: info.shape for info in result.layers}, chance=result.chance_error,
                title="small ResNet: probes behind diodes, coloured by probe valid error")
     return ["resnet_errors.png", "resnet_diagram.png"]
 
