@@ -33,6 +33,7 @@ CLAIMS = {
             "layers 64-128 learn; untrained, the error has two bumps, low at the input and again at layer 64 (Fig. 8)",
 }
 BATCH_SIZE = 120  # 003: 60,000 images x 10 epochs / 5,000 minibatches
+FIG8_STEP = 2000  # the moment 002's Fig. 8 shows the skip model at
 RECIPE = ("training follows 003 (centred RMSProp, lr 1e-5, decay 0.9, momentum 0.9, minibatches of 120, 5000 "
           "minibatches); the one translation is torch's eps = 1e-5 for TensorFlow's epsilon = 1e-10 inside the square "
           "root, which floors the step denominator and so decides how far the vanishing gradients move the weights")
@@ -236,24 +237,28 @@ def described(settings: Settings, variant: str, splits: dict[str, lp.ArrayDatase
             "torch threads": torch.get_num_threads()}
 
 
-def run_notes(settings: Settings, *, data: str, n_train: int, moments: list[int], probes: int,
+def run_notes(settings: Settings, *, variant: str, data: str, n_train: int, moments: list[int], probes: int,
               quick: bool) -> list[str]:
     """The notes, computed from the run: 003's recipe, the epochs the minibatches make on this training set, how
-    many probes were fitted on which L2 path, where the heads and the skip sit against 002 and 003."""
+    many probes were fitted on which L2 path, where the heads and the skip sit against 002 and 003, and (skip)
+    the moments against the paper's Fig. 8."""
     depth, every, skip = settings.depth, settings.aux_every, settings.skip_to
     return [RECIPE,
             (f"data={data!r} leaves {n_train:,} images for training, so {moments[-1]} minibatches of {BATCH_SIZE} are "
-            f"about {moments[-1] * BATCH_SIZE / n_train:.0f} epochs (002 and 003: 60,000 images, 10 epochs)"),
+             f"about {moments[-1] * BATCH_SIZE / n_train:.0f} epochs (002 and 003: 60,000 images, 10 epochs)"),
             ("the paper plots the probes' train error; we report test error (train and valid are in results.csv); "
-            "probes are exact (L-BFGS to convergence) on a fixed subset of the training images with the L2 chosen on "
-            f"valid from the {len(settings.l2_path)}-point path {settings.l2_path}, so that {len(moments)} x {probes} "
-            "probes fit the time budget (sizes under Settings)"),
+             "probes are exact (L-BFGS to convergence) on a fixed subset of the training images with the L2 chosen "
+             f"on valid from the {len(settings.l2_path)}-point path {settings.l2_path}, so that {len(moments)} x "
+             f"{probes} probes fit the time budget (sizes under Settings)"),
             (f"aux: heads after layers {every}, {2 * every}, ..., {depth - every} plus the classifier after {depth}, "
              f"one loss every {every} layers as 002 describes (003's code puts them after layers 1, {every + 1}, ..., "
              f"{depth - every + 1} and {depth}); skip: the input is concatenated into layer {skip} as 002 describes "
              "(003 adds a projection of it instead)"),
+            *([(f"the paper's Fig. 8 shows the skip model after {FIG8_STEP} minibatches; we probe it at {moments}, "
+                f"so our last moment is {'later' if moments[-1] > FIG8_STEP else 'earlier'} than the figure's")]
+              if variant == "skip" and FIG8_STEP not in moments else []),
             *([(f"quick: the design scaled to {depth} layers of {settings.width} units (see the module docstring), "
-               f"lr {settings.lr:g}")] if quick else [])]
+                f"lr {settings.lr:g}")] if quick else [])]
 
 
 def run(out: Path, *, quick: bool = False, data: str = "mnist", seed: int = 0, progress: bool = True,
@@ -274,7 +279,7 @@ def run(out: Path, *, quick: bool = False, data: str = "mnist", seed: int = 0, p
     judged = checks(variant, result.errors("test", step=moments[0]), result.errors("test"),
                     result.meta["model_test_error"][str(moments[-1])], chance=result.chance_error,
                     n=len(splits["test"]), settings=settings)
-    notes = run_notes(settings, data=data, n_train=len(train), moments=moments, probes=len(result.names),
+    notes = run_notes(settings, variant=variant, data=data, n_train=len(train), moments=moments, probes=len(result.names),
                       quick=quick)
     return Summary(f"deep-mlp ({variant})", CLAIMS[variant], findings(result, settings), judged,
                    settings={"data": data, "variant": variant, **described(settings, variant, splits, moments),

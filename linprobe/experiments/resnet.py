@@ -1,8 +1,10 @@
-"""resnet: a ResNet-50-layout net probed at its input and after each of its 16 additions (Table 4a, Fig. 4b).
+"""resnet: a ResNet-50-layout net probed at its input and at each of its 16 additions (Table 4a, Fig. 4b).
 
 The paper probes a pretrained ResNet-50 on ImageNet, every feature map average-pooled to one number
 per channel, and finds the probe's valid error falling almost perfectly monotonically with depth,
-from 0.99 at the input to 0.31 after add_16.
+from 0.99 at the input to 0.31 after add_16. Its probes sit at Keras' ``add_k`` layers, the sum of the
+shortcut and the residual before the block's ReLU; ours tap the same sum, the input of each block's
+ReLU (``add_k.relu:input``), and tables and figures name it ``add_k``.
 """
 from __future__ import annotations
 
@@ -52,9 +54,9 @@ def run(out: Path, *, quick: bool = False, data: str = "fashion-mnist", seed: in
     probes_on = at_most(train, settings.probe_train, seed=seed)
     model = small_resnet(seed=seed)
     steps = train_sgd(model, train, epochs=settings.epochs, batch_size=settings.batch_size, seed=seed)
-    result = lp.probe(model, probes_on, valid, test, layers=resnet_probe_points(model), reduce="pool",
-                      cache_dir=out / "cache", out_dir=out, step=steps, seed=seed, l2_path=settings.l2_path,
-                      progress=progress)
+    result = lp.probe(model, probes_on, valid, test, layers=resnet_probe_points(model, before_relu=True),
+                      reduce="pool", cache_dir=out / "cache", out_dir=out, step=steps, seed=seed,
+                      l2_path=settings.l2_path, progress=progress)
     own = model_error(model, valid)
     result.meta["model_valid_error"] = own
     result.save(out)
@@ -66,19 +68,31 @@ def run(out: Path, *, quick: bool = False, data: str = "fashion-mnist", seed: in
                               "probe training samples": len(probes_on), "epochs": settings.epochs, "steps": steps,
                               "optimiser": "SGD Nesterov 0.9, lr 0.05 cosine per epoch, wd 5e-4, "
                                            f"batch {settings.batch_size}",
+                              "probe points": "the input and each block's sum before its ReLU (add_k.relu:input, "
+                                              "Keras' add_k as the paper)",
                               "reduction": "pool (one average per channel, as the paper)",
                               "probe L2 path": list(settings.l2_path), "torch threads": torch.get_num_threads(),
                               "seed": seed})
 
 
+def paper_name(tap: str) -> str:
+    """Table 4a's name of a probe point: ``add_k`` for the tap ``add_k.relu:input`` (the sum before the ReLU)."""
+    return tap.split(".")[0]
+
+
+def paper_errors(result: lp.ProbeResult, split: str = "valid") -> dict[str, float]:
+    """The probe errors on ``split`` in depth order, keyed by Table 4a's names."""
+    return {paper_name(tap): e for tap, e in result.errors(split).items()}
+
+
 def draw_figures(model: torch.nn.Module, result: lp.ProbeResult, out: Path) -> list[str]:
     """Fig. 4b (probe valid error per layer beside the model's own) and the diode diagram coloured by error."""
-    errors = result.errors("valid")
+    errors = paper_errors(result)
     plot_errors_against_model(errors, result.meta["model_valid_error"], out / "resnet_errors.png",
                               chance=result.chance_error,
                               title="small ResNet (ResNet-50 layout): probe valid error per layer (cf. Fig. 4b)")
     draw_model(model_layers(model), out / "resnet_diagram.png", errors=errors, probed=list(errors),
-               shapes={info.name: info.shape for info in result.layers}, chance=result.chance_error,
+               shapes={paper_name(info.name): info.shape for info in result.layers}, chance=result.chance_error,
                title="small ResNet: probes behind diodes, coloured by probe valid error")
     return ["resnet_errors.png", "resnet_diagram.png"]
 
@@ -111,7 +125,7 @@ def checks(errors: dict[str, float], model_error: float, n: int) -> list[Check]:
 def _summary(result: lp.ProbeResult, table: str, *, n: int, figures: list[str],
              settings: dict[str, object]) -> Summary:
     """Our Table 4a beside the paper's: the trend along the depth and the model's own error."""
-    errors, own = result.errors("valid"), result.meta["model_valid_error"]
+    errors, own = paper_errors(result), result.meta["model_valid_error"]
     rho, rises = depth_trend(errors, n)
     last = list(errors)[-1]
     findings = [(f"probe valid error: input {with_se(errors['input'], n)}, add_1 {with_se(errors['add_1'], n)}, "
@@ -134,6 +148,6 @@ def table_4a(result: lp.ProbeResult) -> str:
     """The paper's Table 4a as a markdown table: layer name, topology C x H x W, probe valid (and test) error."""
     return markdown_table(
         ["layer name", "topology (C x H x W)", "features", "probe valid error", "probe test error"],
-        [[info.name, " x ".join(map(str, info.shape)), str(info.features_out),
+        [[paper_name(info.name), " x ".join(map(str, info.shape)), str(info.features_out),
           f"{result.value(info.name, 'valid'):.3f}", f"{result.value(info.name, 'test'):.3f}"]
          for info in result.layers])
