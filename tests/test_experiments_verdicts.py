@@ -14,6 +14,7 @@ from linprobe.models import MNIST_CONVNET_PROBES
 def test_standard_error_and_its_text() -> None:
     assert standard_error(0.1, 1000) == pytest.approx(math.sqrt(0.09 / 1000))
     assert with_se(0.028, 1000) == "2.8% (SE 0.5)"
+    assert with_se(0.012, 100_000) == "1.2% (SE 0.03)" and with_se(0.0, 10) == "0.0% (SE 0.0)"
     with pytest.raises(ValueError, match="error rate"):
         standard_error(1.5, 10)
     with pytest.raises(ValueError, match="error rate"):
@@ -140,11 +141,12 @@ def test_notes_are_computed_from_the_run() -> None:
     assert "200 test images" in quick[0] and "7.1 times tighter" in quick[0]  # sqrt(10,000 / 200)
     assert "700 images for 1 epoch(s), 22 minibatches" in quick[1]
     assert "3.2 times tighter" in mnist_convnet.notes(n_train=3500, n_test=1000, epochs=10, steps=1100)[0]
-    full = deep_mlp.run_notes(deep_mlp.FULL, variant="plain", data="mnist", n_train=3500, moments=[0, 500, 5000], probes=129,
-                              quick=False)
+    full = deep_mlp.run_notes(deep_mlp.FULL, variant="plain", data="mnist", n_train=3500, moments=[0, 500, 5000],
+                              probes=129, quick=False)
     assert "5000 minibatches of 120 are about 171 epochs" in full[1] and "3 x 129 probes" in full[2]
     assert "into layer 64" in full[3] and not any(n.startswith("quick") for n in full)
-    small = deep_mlp.run_notes(deep_mlp.QUICK, variant="plain", data="mnist", n_train=700, moments=[0, 400], probes=9, quick=True)
+    small = deep_mlp.run_notes(deep_mlp.QUICK, variant="plain", data="mnist", n_train=700, moments=[0, 400],
+                               probes=9, quick=True)
     assert "about 69 epochs" in small[1] and "2 x 9 probes" in small[2] and "into layer 32" in small[3]
     assert small[-1].startswith("quick: the design scaled to 64 layers")
     skip = deep_mlp.run_notes(deep_mlp.FULL, variant="skip", data="mnist", n_train=3500, moments=[0, 500, 5000],

@@ -198,22 +198,23 @@ def plot_moments(result: lp.ProbeResult, out: Path, variant: str) -> list[str]:
     return [p.name for p in [*paths, timeline["heatmap"], timeline["animation"]]]
 
 
-def findings(result: lp.ProbeResult, settings: Settings) -> list[str]:
+def findings(result: lp.ProbeResult, settings: Settings, n: int) -> list[str]:
     """Per moment the input, each block of layers and the model's own error; then the ranges the claims are about
-    and the diagnostics (kinks, at noise level in so deep a stack, are left to ``diagnostics.md``)."""
+    with their standard errors on ``n`` test images, and the diagnostics (kinks, at noise level in so deep a
+    stack, are left to ``diagnostics.md``)."""
     depth, skip = settings.depth, settings.skip_to
     lines = []
     for step in result.steps:
         errors = result.errors("test", step=step)
         blocks = block_means(errors, block=settings.aux_every, depth=depth)
-        lines.append(f"after {step} minibatches: input {errors['input']:.1%}; layers "
+        lines.append(f"after {step} minibatches: input {with_se(errors['input'], n)}; layers "
                      + ", ".join(f"{k} {v:.0%}" for k, v in blocks.items())
-                     + f"; the model's own test error {result.meta['model_test_error'][str(step)]:.1%}")
+                     + f"; the model's own test error {with_se(result.meta['model_test_error'][str(step)], n)}")
     last = result.errors("test")
-    chance = result.chance_error
-    lines.append(f"after {result.steps[-1]} minibatches: layers 1-{skip - 1} {range_mean(last, 1, skip - 1):.1%}, "
-                 f"{skip}-{depth} {range_mean(last, skip, depth):.1%}, last quarter "
-                 f"{range_mean(last, depth - depth // 4 + 1, depth):.1%} (chance {chance:.1%})")
+    lines.append(f"after {result.steps[-1]} minibatches: layers 1-{skip - 1} "
+                 f"{with_se(range_mean(last, 1, skip - 1), n)}, {skip}-{depth} "
+                 f"{with_se(range_mean(last, skip, depth), n)}, last quarter "
+                 f"{with_se(range_mean(last, depth - depth // 4 + 1, depth), n)} (chance {result.chance_error:.1%})")
     diagnosed = lp.diagnose(result, split="test")
     return lines + [f"diagnostics: {f.describe()}" for f in diagnosed if not isinstance(f, Kink)]
 
@@ -276,12 +277,13 @@ def run(out: Path, *, quick: bool = False, data: str = "mnist", seed: int = 0, p
                              progress=progress)
     result.save(out)
     figures = plot_moments(result, out, variant)
+    n = len(splits["test"])
     judged = checks(variant, result.errors("test", step=moments[0]), result.errors("test"),
-                    result.meta["model_test_error"][str(moments[-1])], chance=result.chance_error,
-                    n=len(splits["test"]), settings=settings)
-    notes = run_notes(settings, variant=variant, data=data, n_train=len(train), moments=moments, probes=len(result.names),
-                      quick=quick)
-    return Summary(f"deep-mlp ({variant})", CLAIMS[variant], findings(result, settings), judged,
+                    result.meta["model_test_error"][str(moments[-1])], chance=result.chance_error, n=n,
+                    settings=settings)
+    notes = run_notes(settings, variant=variant, data=data, n_train=len(train), moments=moments,
+                      probes=len(result.names), quick=quick)
+    return Summary(f"deep-mlp ({variant})", CLAIMS[variant], findings(result, settings, n), judged,
                    settings={"data": data, "variant": variant, **described(settings, variant, splits, moments),
                              "seed": seed},
                    figures=figures, tables=[result.table(step, markdown=True) for step in moments], notes=notes)

@@ -22,8 +22,11 @@ def standard_error(p: float, n: int) -> float:
 
 
 def with_se(p: float, n: int, *, digits: int = 1) -> str:
-    """``p`` as a percentage with its standard error on ``n`` samples beside it, e.g. ``"2.8% (SE 0.5)"``."""
-    return f"{p:.{digits}%} (SE {100 * standard_error(p, n):.{digits}f})"
+    """``p`` as a percentage with its standard error on ``n`` samples beside it in points, e.g. ``"2.8% (SE 0.5)"``;
+    an SE too small for ``digits`` decimals keeps one significant digit (``"1.2% (SE 0.03)"``), never a bare 0."""
+    se = 100 * standard_error(p, n)
+    shown = f"{se:.{digits}f}" if se == 0 or se >= 10 ** -digits else f"{se:.1g}"
+    return f"{p:.{digits}%} (SE {shown})"
 
 
 def compare(a: float, b: float, n: int, *, k: float = SIGNIFICANT) -> int:
