@@ -50,6 +50,9 @@ def test_table_4a_has_one_row_per_probe_with_c_x_h_x_w(resnet_run: tuple[Path, S
     assert len(set(topologies[1:])) == 4  # the four stages of ResNet-50, each with its own C x H x W
     result = lp.ProbeResult.load(resnet_run[0])
     assert [float(r[3]) for r in rows] == pytest.approx(list(result.errors("valid").values()), abs=5e-4)
+    n = int(resnet_run[1].settings["train/valid/test"].split("/")[1])
+    assert [float(r[4]) for r in rows] == pytest.approx([100 * (e * (1 - e) / n) ** 0.5 for e in
+                                                         result.errors("valid").values()], abs=0.051)
 
 
 def test_deep_additions_well_below_chance_and_not_worse_than_the_input(resnet_run: tuple[Path, Summary]) -> None:

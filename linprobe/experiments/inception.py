@@ -202,7 +202,7 @@ def _summary(results: Sequence[lp.ProbeResult], main: list[str], *, n_valid: int
                  + ", ".join(f"step {s}: {a - m:+.1%}" for s, a, m in aux_vs_main), lead_words]
     kept = [info.name for info in last.layers if info.features_out == info.features_in]
     return Summary("inception", CLAIM, findings, checks(main_path, lead, lead_words, n), settings=settings,
-                   figures=figures, tables=[_moments_table(results)],
+                   figures=figures, tables=[_moments_table(results, n)],
                    notes=[(f"the raw pixels alone are linearly separable to {last.value('input', 'valid'):.0%} "
                           "error here, so no moment is 'all red' as the paper's ImageNet diagrams are at first "
                           "(1000 classes, chance 0.999); every diagram is coloured on one scale, 0 (blue) to chance "
@@ -212,9 +212,10 @@ def _summary(results: Sequence[lp.ProbeResult], main: list[str], *, n_valid: int
                           "the paper itself calls the auxiliary head's lead small and not necessarily lasting"])
 
 
-def _moments_table(results: Sequence[lp.ProbeResult]) -> str:
-    """Probe valid error of each point (rows) at each moment (columns), as a markdown table."""
+def _moments_table(results: Sequence[lp.ProbeResult], n: int) -> str:
+    """Probe valid error of each point (rows) at each moment (columns), each with its standard error on ``n``
+    valid images, as a markdown table."""
     head = ["probe point", "features"] + [f"step {r.steps[0]}" for r in results]
     return markdown_table(head, [[info.name, f"{info.features_out}/{info.features_in}"]
-                                 + [f"{r.value(info.name, 'valid'):.3f}" for r in results]
+                                 + [with_se(r.value(info.name, "valid"), n) for r in results]
                                  for info in results[0].layers])

@@ -15,7 +15,7 @@ import torch
 
 import linprobe as lp
 from linprobe.diagram import draw_model, model_layers
-from linprobe.experiments.report import Check, Summary, compare, depth_trend, listed, with_se
+from linprobe.experiments.report import Check, Summary, compare, depth_trend, listed, standard_error, with_se
 from linprobe.experiments.training import at_most, model_error, train_sgd
 from linprobe.models import resnet_probe_points, small_resnet
 from linprobe.plots import plot_errors_against_model
@@ -61,7 +61,7 @@ def run(out: Path, *, quick: bool = False, data: str = "fashion-mnist", seed: in
     result.meta["model_valid_error"] = own
     result.save(out)
     figures = draw_figures(model, result, out)
-    table = table_4a(result)
+    table = table_4a(result, len(valid))
     (out / "table_4a.md").write_text(table + "\n")
     return _summary(result, table, n=len(valid), figures=figures,
                     settings={"data": data, "train/valid/test": f"{len(train)}/{len(valid)}/{len(test)}",
@@ -144,10 +144,14 @@ def _summary(result: lp.ProbeResult, table: str, *, n: int, figures: list[str],
                           f"{result.chance_error:.2f}), so the magnitudes are not compared")])
 
 
-def table_4a(result: lp.ProbeResult) -> str:
-    """The paper's Table 4a as a markdown table: layer name, topology C x H x W, probe valid (and test) error."""
+def table_4a(result: lp.ProbeResult, n_valid: int) -> str:
+    """The paper's Table 4a as a markdown table: layer name, topology C x H x W, probe valid error with its standard
+    error on ``n_valid`` images (in points), probe test error."""
+    valid = {info.name: result.value(info.name, "valid") for info in result.layers}
     return markdown_table(
-        ["layer name", "topology (C x H x W)", "features", "probe valid error", "probe test error"],
+        ["layer name", "topology (C x H x W)", "features", "probe valid error", "valid SE (points)",
+         "probe test error"],
         [[paper_name(info.name), " x ".join(map(str, info.shape)), str(info.features_out),
-          f"{result.value(info.name, 'valid'):.3f}", f"{result.value(info.name, 'test'):.3f}"]
+          f"{valid[info.name]:.3f}", f"{100 * standard_error(valid[info.name], n_valid):.1f}",
+          f"{result.value(info.name, 'test'):.3f}"]
          for info in result.layers])
