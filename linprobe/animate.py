@@ -14,15 +14,16 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.animation import FFMpegWriter, FuncAnimation, PillowWriter, writers  # noqa: E402
 
-from linprobe.plots import ERROR_CMAP, error_grid  # noqa: E402
+from linprobe.plots import error_grid, probe_colour  # noqa: E402
 from linprobe.results import ProbeResult  # noqa: E402
 
 
 def animate_errors(result: ProbeResult, path: str | Path, *, split: str = "valid", metric: str = "top1_error",
                    fps: float = 2.0, mp4: bool = True) -> list[Path]:
-    """Write ``path`` as a GIF, one frame per step: a bar per layer coloured red (bad) to blue (good), chance
-    dotted, no bar for a layer not measured at that step. With ``mp4`` and ffmpeg available, the same frames
-    go to ``path`` with suffix ``.mp4`` too. Returns the files written."""
+    """Write ``path`` as a GIF, one frame per step: a bar per layer coloured red (chance) to blue (0) on the scale
+    every figure shares, chance dotted, the legend outside the bars, no bar for a layer not measured at that step.
+    With ``mp4`` and ffmpeg available, the same frames go to ``path`` with suffix ``.mp4`` too. Returns the files
+    written."""
     path = Path(path).with_suffix(".gif")
     path.parent.mkdir(parents=True, exist_ok=True)
     names, frames = error_grid(result, split, metric)
@@ -34,12 +35,12 @@ def animate_errors(result: ProbeResult, path: str | Path, *, split: str = "valid
     ax.set_xticks(range(0, len(names), every), names[::every], rotation=90, fontsize=7)
     ax.set_ylim(0, 1)
     ax.set_ylabel(f"{split} {metric}")
-    ax.legend(loc="upper right")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, fontsize=8)
 
     def draw(k: int) -> list[Any]:
         for bar, error in zip(bars, frames[k]):
             bar.set_height(error)
-            bar.set_color(ERROR_CMAP(error))
+            bar.set_color(probe_colour(error, chance))
         ax.set_title(f"probe {split} {metric} per layer, step {result.steps[k]}")
         return list(bars)
 

@@ -2,7 +2,8 @@
 
 Each probed layer sends its features up (or, on an auxiliary branch, down) to a probe through a
 diode, the one-way valve of electronics: features flow into the probe, no gradient flows back.
-Given errors, each probe is coloured red (bad) -> yellow -> green -> blue (good), as in 001 Fig. 5/9.
+Given errors, each probe is coloured red (chance, useless) -> yellow -> green -> blue (0), as in 001 Fig. 5/9,
+on the one scale every figure shares (``linprobe.plots.error_norm``).
 """
 from __future__ import annotations
 
@@ -14,12 +15,11 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.colors import Normalize  # noqa: E402
 from matplotlib.patches import Circle, FancyArrowPatch, Polygon, Rectangle  # noqa: E402
 
 from torch import nn  # noqa: E402
 
-from linprobe.plots import ERROR_CMAP, save_figure  # noqa: E402
+from linprobe.plots import ERROR_CMAP, error_norm, probe_colour, save_figure  # noqa: E402
 from linprobe.taps import layer_names  # noqa: E402
 
 GAP = "..."  # a name standing for layers left out of the picture; drawn as an ellipsis, never probed
@@ -34,14 +34,15 @@ _BRANCH_DROP = 5.2  # how far below the main path an auxiliary branch runs
 def draw_model(names: Sequence[str], path: str | Path, *, errors: Mapping[str, float] | None = None,
                probed: Collection[str] | None = None, branches: Mapping[str, Sequence[str]] | None = None,
                skips: Mapping[str, str] | None = None, shapes: Mapping[str, Sequence[int]] | None = None,
-               vmin: float | None = None, vmax: float | None = None, title: str = "") -> Path:
+               chance: float | None = None, title: str = "") -> Path:
     """Draw ``names`` (the main path, in execution order; ``GAP`` for left-out layers) as boxes with a
     probe behind a diode on every ``probed`` layer (default: all), and save a PNG to ``path``.
 
     ``branches`` maps a main-path layer to the layers of an auxiliary branch leaving it (drawn below),
     ``skips`` a layer to a later one it also feeds (an arc below the path), ``shapes`` a layer to its
-    output shape (printed in the box). ``errors`` colours probes on a scale from ``vmin`` to ``vmax``
-    (default: the smallest and largest error); pass the same scale to compare several diagrams.
+    output shape (printed in the box). ``errors`` colours probes on one absolute scale from 0 (blue) to
+    ``chance`` (red: no better than a guess), the same in every diagram and heatmap, so ``chance`` is required
+    with them.
     """
     branches, skips, shapes = {k: list(v) for k, v in (branches or {}).items()}, skips or {}, shapes or {}
     layers = _check_layout(names, branches)
@@ -50,7 +51,9 @@ def draw_model(names: Sequence[str], path: str | Path, *, errors: Mapping[str, f
     _check_known("shapes", shapes, layers)
     _check_known("skips", {*skips, *skips.values()}, layers)
     errors = _check_errors(errors or {}, probed)
-    cmap_norm = _norm(errors, vmin, vmax)
+    if errors and chance is None:
+        raise ValueError("errors need chance= (the error of a guess, e.g. result.chance_error): probes are coloured "
+                         "on the scale 0 to chance")
 
     positions = _positions(names, branches)
     fig_w = max(6.0, 0.55 * (max(x for x, _ in positions.values()) + 2 * _DX))
@@ -63,11 +66,12 @@ def draw_model(names: Sequence[str], path: str | Path, *, errors: Mapping[str, f
     for name in (n for n in layers if n in probed):
         x, y = positions[name]
         up = y == 0  # main-path probes above the path, branch probes below their branch
-        color = ERROR_CMAP(cmap_norm(errors[name])) if name in errors else "white"
+        color = probe_colour(errors[name], chance) if name in errors else "white"
         _draw_probe(ax, x, y, up=up, color=color, label=f"{errors[name]:.1%}" if name in errors else "p")
     if errors:
-        sm = plt.cm.ScalarMappable(norm=cmap_norm, cmap=ERROR_CMAP)
-        fig.colorbar(sm, ax=ax, fraction=0.025, pad=0.01, shrink=0.6, label="probe error (red bad, blue good)")
+        sm = plt.cm.ScalarMappable(norm=error_norm(chance), cmap=ERROR_CMAP)
+        fig.colorbar(sm, ax=ax, fraction=0.025, pad=0.01, shrink=0.6,
+                     label=f"probe error: 0 (blue) to chance ({chance:.2f}, red) or worse")
     ax.set_title(title or "probes behind diodes: features flow to each probe, no gradient flows back")
     ax.set_aspect("equal")
     ax.autoscale_view()
@@ -142,16 +146,6 @@ def _check_errors(errors: Mapping[str, float], probed: Collection[str]) -> dict[
     if bad:
         raise ValueError(f"errors must be finite numbers >= 0, got {bad}")
     return {n: float(e) for n, e in errors.items()}
-
-
-def _norm(errors: Mapping[str, float], vmin: float | None, vmax: float | None) -> Normalize:
-    lo = min(errors.values(), default=0.0) if vmin is None else vmin
-    hi = max(errors.values(), default=1.0) if vmax is None else vmax
-    if not hi > lo:
-        if vmin is not None and vmax is not None:
-            raise ValueError(f"vmin={vmin} must be below vmax={vmax}")
-        lo, hi = lo - 0.01, hi + 0.01
-    return Normalize(lo, hi, clip=True)
 
 
 def _positions(names: Sequence[str], branches: Mapping[str, Sequence[str]]) -> dict[str, tuple[float, float]]:

@@ -306,9 +306,12 @@ def small_resnet(
     return _build(factory, seed)
 
 
-def resnet_probe_points(model: nn.Module) -> list[str]:
-    """``input`` followed by the residual blocks' names in order."""
-    return ["input", *(name for name, m in model.named_children() if isinstance(m, Bottleneck))]
+def resnet_probe_points(model: nn.Module, *, before_relu: bool = False) -> list[str]:
+    """``input`` followed by a tap on each residual block in order: the block's output (after its ReLU), or with
+    ``before_relu`` the sum itself, the input of the block's ReLU (``add_k.relu:input``), where 001's Keras
+    ResNet-50 has its ``add_k`` layers."""
+    blocks = [name for name, m in model.named_children() if isinstance(m, Bottleneck)]
+    return ["input", *(f"{name}.relu:input" if before_relu else name for name in blocks)]
 
 
 class Mixed(nn.Module):

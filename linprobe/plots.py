@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from itertools import pairwise
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -16,6 +17,19 @@ if TYPE_CHECKING:
 # probe error from good to bad: blue, green, yellow, red (001 Fig. 5, 9); shared by every coloured figure
 ERROR_CMAP = matplotlib.colors.LinearSegmentedColormap.from_list("probe_error",
                                                                  ["#2c7bb6", "#1a9641", "#ffffbf", "#d7191c"])
+
+
+def error_norm(chance: float) -> matplotlib.colors.Normalize:
+    """The one colour scale of every coloured figure: 0 (blue) to ``chance`` (red, useless), worse clipped to red,
+    so a colour means the same error in every diagram, heatmap and animation."""
+    if not (isinstance(chance, (int, float)) and 0 < chance <= 1):
+        raise ValueError(f"chance must be the error of a guess, in (0, 1], got {chance!r}")
+    return matplotlib.colors.Normalize(0.0, float(chance), clip=True)
+
+
+def probe_colour(error: float, chance: float) -> tuple[float, float, float, float]:
+    """The RGBA colour of a probe ``error`` on the scale 0 to ``chance`` (see :func:`error_norm`)."""
+    return ERROR_CMAP(error_norm(chance)(error))
 
 
 def error_grid(result: ProbeResult, split: str, metric: str) -> tuple[list[str], list[list[float]]]:
@@ -118,22 +132,24 @@ def plot_heatmap(result: ProbeResult, path: str | Path | None = None, *, split: 
                  metric: str = "top1_error", title: str | None = None) -> Any:
     """Layers (across) by measured steps (down) coloured by probe error, red bad to green/blue good (001 Fig. 5, 9).
 
-    The colour scale runs from 0 to 1; a black line on the colour bar marks the chance level; a layer not
-    measured at a step is left blank.
+    The colour scale runs from 0 to the chance level (:func:`error_norm`, as every coloured figure); a layer not
+    measured at a step is left blank. One row per measured step, labelled with its step: where the steps are not
+    evenly spaced the axis says so, since equal rows would otherwise suggest equal intervals.
     """
     steps = result.steps
     names, grid = error_grid(result, split, metric)
+    chance = result.chance_error
     fig, ax = plt.subplots(figsize=(max(6.0, 0.07 * len(names) + 3), min(12.0, 1.5 + 0.45 * len(steps))))
-    image = ax.imshow(grid, aspect="auto", cmap=ERROR_CMAP, vmin=0, vmax=1, interpolation="nearest")
+    image = ax.imshow(grid, aspect="auto", cmap=ERROR_CMAP, norm=error_norm(chance), interpolation="nearest")
     every = max(1, len(names) // 16)
     ax.set_xticks(range(0, len(names), every), names[::every], rotation=90, fontsize=7)
     every = max(1, len(steps) // 24)
     ax.set_yticks(range(0, len(steps), every), [str(s) for s in steps[::every]])
-    ax.set_ylabel("step (minibatches)")
-    chance = result.chance_error
+    gaps = {b - a for a, b in pairwise(steps)}
+    ax.set_ylabel("step (minibatches)" + ("\none row per measured step:\nrows not evenly spaced in steps"
+                                          if len(gaps) > 1 else ""))
     bar = fig.colorbar(image, ax=ax)
-    bar.ax.axhline(chance, color="black", linewidth=2)
-    bar.set_label(f"probe {split} {metric} (black line: chance, {chance:.2f})")
+    bar.set_label(f"probe {split} {metric}: 0 to chance ({chance:.2f}) or worse")
     ax.set_title(title or f"probe {split} {metric} per layer and step")
     return save_figure(fig, path) if path is not None else fig
 

@@ -157,7 +157,10 @@ class Subset(Reduction):
 
 @dataclass(frozen=True)
 class Project(Reduction):
-    """A seeded Gaussian random projection to ``out_dim`` features (Johnson-Lindenstrauss scaling)."""
+    """A seeded Gaussian random projection to ``out_dim`` features (Johnson-Lindenstrauss scaling).
+
+    A deviation from the paper: its section 3.4 would *learn* the mapping to fewer features; a fixed random one
+    keeps the probe convex and the same features at every checkpoint, at the price of some information."""
 
     in_features: int
     out_dim: int

@@ -45,7 +45,8 @@ def save_timeline(result: ProbeResult, out: str | Path, *, split: str = "valid",
         errors = result.errors(split, metric, step)
         probed = [n for n in model_names if n in errors]
         files["diagram"] = draw_model(model_names, out / "diagram.png", errors={n: errors[n] for n in probed},
-                                      probed=probed, title=f"probe {split} {metric} at step {step}")
+                                      probed=probed, chance=result.chance_error,
+                                      title=f"probe {split} {metric} at step {step}")
     files["report"] = write_report(out, result)
     return files
 

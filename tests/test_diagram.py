@@ -24,28 +24,29 @@ def _is_png(path: Path) -> bool:
 def test_draws_a_png_with_every_option(tmp_path: Path) -> None:
     path = draw_model([*NAMES, "head"], tmp_path / "d.png", errors={"input": 0.3, "conv": 0.2, "aux": 0.25},
                       probed=["input", "conv", "relu", "aux"], branches={"conv": ["aux"]}, skips={"input": "fc"},
-                      shapes={"input": (1, 8, 8), "aux": (10,)}, vmin=0.0, vmax=0.9, title="t")
+                      shapes={"input": (1, 8, 8), "aux": (10,)}, chance=0.9, title="t")
     assert path == tmp_path / "d.png" and _is_png(path)
 
 
 def test_plain_diagram_needs_no_errors_and_probes_every_layer_by_default(tmp_path: Path) -> None:
     assert _is_png(draw_model(NAMES, tmp_path / "plain.png"))
-    assert _is_png(draw_model(NAMES, tmp_path / "equal.png", errors=dict.fromkeys(NAMES, 0.1)))  # one colour
+    assert _is_png(draw_model(NAMES, tmp_path / "equal.png", errors=dict.fromkeys(NAMES, 0.1), chance=0.5))
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"errors": {"conv": 0.1, "nope": 0.2}}, "nope"),
-    ({"errors": {"fc": 0.1}, "probed": ["conv"]}, "fc"),
-    ({"errors": {GAP: 0.1}}, GAP),
-    ({"errors": {"conv": -0.1}}, "finite"),
-    ({"errors": {"conv": math.nan}}, "finite"),
+    ({"errors": {"conv": 0.1, "nope": 0.2}, "chance": 0.9}, "nope"),
+    ({"errors": {"fc": 0.1}, "probed": ["conv"], "chance": 0.9}, "fc"),
+    ({"errors": {GAP: 0.1}, "chance": 0.9}, GAP),
+    ({"errors": {"conv": -0.1}, "chance": 0.9}, "finite"),
+    ({"errors": {"conv": math.nan}, "chance": 0.9}, "finite"),
     ({"probed": ["input", "typo"]}, "typo"),
     ({"shapes": {"fcc": (3,)}}, "fcc"),
     ({"branches": {"missing": ["aux"]}}, "missing"),
     ({"branches": {"conv": []}}, "non-empty"),
     ({"branches": {"conv": ["relu"]}}, "distinct"),
     ({"skips": {"input": "later"}}, "later"),
-    ({"errors": {"conv": 0.1}, "vmin": 0.5, "vmax": 0.5}, "vmin"),
+    ({"errors": {"conv": 0.1}}, "chance"),
+    ({"errors": {"conv": 0.1}, "chance": 0}, "chance"),
 ])
 def test_rejects_bad_inputs_with_a_clear_error(tmp_path: Path, kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -97,4 +98,4 @@ def test_diagram_experiment_draws_every_paper_model(tmp_path: Path) -> None:
     assert GAP in mlp["names"] and mlp["skips"] == {"input": "layer64"} and "layer64" in mlp["probed"]
     assert layouts["small_resnet"]["shapes"]["add_16"] == [256, 2, 2]
     assert lp.ProbeResult.load(tmp_path).rows == []  # nothing is measured
-    assert summary.agrees is None and (tmp_path / "summary.md").is_file()
+    assert summary.verdict is None and summary.checks == [] and (tmp_path / "summary.md").is_file()

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import linprobe as lp
 from linprobe.models import (
     MNIST_CONVNET_PROBES,
     Bottleneck,
@@ -252,6 +253,20 @@ def test_small_resnet_has_16_blocks_with_resnet50_stage_layout(stem_stride: int,
     assert output_shapes(model, points[1:] + ["fc"], IMAGES) == expected | {"fc": (BATCH, 10)}
     projected = [n for n in points[1:] if isinstance(model.get_submodule(n).shortcut, nn.Sequential)]
     assert projected == ["add_1", "add_4", "add_8", "add_14"]
+
+
+def test_resnet_probe_points_before_relu_tap_the_sum_of_each_block() -> None:
+    model = small_resnet(seed=0).eval()
+    sums = resnet_probe_points(model, before_relu=True)
+    assert sums == ["input"] + [f"add_{k}.relu:input" for k in range(1, 17)]
+    with torch.no_grad(), lp.Taps(model, [*sums[1:3], "add_1", "add_2"]) as taps:
+        features = taps.run(IMAGES)
+    block = model.get_submodule("add_2")
+    with torch.no_grad():
+        expected = block.shortcut(features["add_1"]) + block.residual(features["add_1"])
+    torch.testing.assert_close(features["add_2.relu:input"], expected)  # Keras' add_2: the sum, before the ReLU
+    assert (features["add_2.relu:input"] < 0).any()  # values the ReLU removes
+    torch.testing.assert_close(torch.relu(features["add_1.relu:input"]), features["add_1"])
 
 
 def test_small_resnet_trains() -> None:

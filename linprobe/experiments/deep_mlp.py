@@ -20,10 +20,10 @@ import torch
 
 import linprobe as lp
 from linprobe.diagnose import Kink
-from linprobe.experiments.report import Summary
+from linprobe.experiments.report import Check, Summary, compare, standard_error, with_se
 from linprobe.experiments.training import model_error, train_epochs
 from linprobe.models import DEEP_MLP_VARIANTS, MLP, deep_mlp
-from linprobe.plots import plot_error_by_depth
+from linprobe.plots import plot_error_by_depth, save_figure
 
 CLAIMS = {
     "plain": "the 128-layer MLP cannot be trained by gradient descent: its deep layers stay useless",
@@ -33,19 +33,10 @@ CLAIMS = {
             "layers 64-128 learn; untrained, the error has two bumps, low at the input and again at layer 64 (Fig. 8)",
 }
 BATCH_SIZE = 120  # 003: 60,000 images x 10 epochs / 5,000 minibatches
-NOTES = [
-    "training follows 003 (centred RMSProp, lr 1e-5, decay 0.9, momentum 0.9, minibatches of 120, 5000 "
-    "minibatches); the one translation is torch's eps = 1e-5 for TensorFlow's epsilon = 1e-10 inside the square "
-    "root, which floors the step denominator and so decides how far the vanishing gradients move the weights",
-    "data='mnist' (the bundled 5,000 images) leaves 3,500 for training, so 5000 minibatches are about 170 epochs "
-    "(002 and 003: 60,000 images, 10 epochs)",
-    "the paper plots the probes' train error; we report test error (train and valid are in results.csv); probes "
-    "are exact (L-BFGS to convergence) on a fixed subset of the training images with the L2 chosen on valid from a "
-    "two-point path, so that 3 x 129 probes fit the time budget (sizes under Settings)",
-    "aux: heads after layers 16, 32, ..., 112 plus the classifier after 128, one loss every 16 layers as 002 "
-    "describes (003's code puts them after layers 1, 17, ..., 113 and 128); skip: the input is concatenated into "
-    "layer 64 as 002 describes (003 adds a projection of it instead)",
-]
+FIG8_STEP = 2000  # the moment 002's Fig. 8 shows the skip model at
+RECIPE = ("training follows 003 (centred RMSProp, lr 1e-5, decay 0.9, momentum 0.9, minibatches of 120, 5000 "
+          "minibatches); the one translation is torch's eps = 1e-5 for TensorFlow's epsilon = 1e-10 inside the square "
+          "root, which floors the step denominator and so decides how far the vanishing gradients move the weights")
 
 
 @dataclass(frozen=True)
@@ -113,20 +104,60 @@ def block_means(errors: dict[str, float], *, block: int, depth: int) -> dict[str
     return {f"{a}-{a + block - 1}": range_mean(errors, a, a + block - 1) for a in range(1, depth + 1, block)}
 
 
-def verdict(variant: str, errors: dict[str, float], *, chance: float, settings: Settings) -> bool:
-    """The paper's claim for ``variant``, read from the probe errors of the last moment.
+USELESS, USEFUL = 0.8, 0.4  # a range of layers is useless above 80% of chance, useful below 40% of chance
 
-    plain: the last quarter of the layers stays near chance; aux: it gets well below chance;
-    skip: the layers from the skip on learn, those below it stay clearly worse.
-    """
+
+def checks(variant: str, before: dict[str, float], after: dict[str, float], model_error: float, *, chance: float,
+           n: int, settings: Settings) -> list[Check]:
+    """The paper's claims for ``variant`` tested on the probes' test errors at the first (``before``) and last
+    (``after``) moments and the model's own last test error, each a rate on ``n`` test images.
+
+    A range of layers is one rate (its mean); it is useless above 80% of chance and useful below 40% of chance,
+    each within two standard errors; a change counts beyond two SEs of the difference.
+    plain (core): the last quarter stays useless; also: training does not improve it, the model stays useless.
+    aux (core): the last quarter becomes useful; also: training improves it, the model becomes useful.
+    skip (core): the layers from the skip on are useful and those below it worse by 20% of chance beyond two
+    SEs; also: the layers below the skip do not improve, and untrained the skip layer is below the probed
+    layer before it (the second bump)."""
+    if variant not in DEEP_MLP_VARIANTS:
+        raise ValueError(f"variant must be one of {DEEP_MLP_VARIANTS}, got {variant!r}")
     depth, skip = settings.depth, settings.skip_to
-    deep = range_mean(errors, depth - depth // 4 + 1, depth)
+    quarter = f"the last quarter (layers {depth - depth // 4 + 1}-{depth})"
+    deep0, deep = (range_mean(e, depth - depth // 4 + 1, depth) for e in (before, after))
+    own = f"the model's own error {with_se(model_error, n)}"
+    useless, useful = USELESS * chance, USEFUL * chance
+
+    def above(p: float, level: float) -> bool:
+        return p + 2 * standard_error(p, n) >= level
+
+    def below(p: float, level: float) -> bool:
+        return p - 2 * standard_error(p, n) < level
+
+    def moved(a: float, b: float) -> str:
+        return f"{with_se(a, n)} -> {with_se(b, n)}"
+
     if variant == "plain":
-        return deep > 0.8 * chance
+        return [Check(f"{quarter} stays useless (above {useless:.1%}, 80% of chance)", above(deep, useless),
+                      f"{with_se(deep, n)}, chance {chance:.1%}", core=True),
+                Check(f"training does not improve {quarter}", compare(deep0, deep, n) >= 0, moved(deep0, deep)),
+                Check(f"the model stays useless (above {useless:.1%})", above(model_error, useless), own)]
     if variant == "aux":
-        return deep < 0.4 * chance
-    learned = range_mean(errors, skip, depth)
-    return learned < 0.4 * chance and range_mean(errors, 1, skip - 1) > learned + 0.2 * chance
+        return [Check(f"{quarter} becomes useful (below {useful:.1%}, 40% of chance)", below(deep, useful),
+                      f"{with_se(deep, n)}, chance {chance:.1%}", core=True),
+                Check(f"training improves {quarter}", compare(deep0, deep, n) < 0, moved(deep0, deep)),
+                Check(f"the model becomes useful (below {useful:.1%})", below(model_error, useful), own)]
+    lower0, lower, learned = range_mean(before, 1, skip - 1), range_mean(after, 1, skip - 1), range_mean(after, skip,
+                                                                                                        depth)
+    gap = lower - learned - 2 * math.hypot(standard_error(lower, n), standard_error(learned, n))
+    neighbour = max((k for k in map(layer_index, before) if 0 < k < skip), default=0)
+    bump0, bump1 = before["input" if neighbour == 0 else f"layer{neighbour}"], before[f"layer{skip}"]
+    return [Check(f"layers {skip}-{depth} learn (below {useful:.1%}) while layers 1-{skip - 1} stay worse by "
+                  f"{0.2 * chance:.1%} (20% of chance) beyond 2 SE", below(learned, useful) and gap > 0.2 * chance,
+                  f"layers 1-{skip - 1} {with_se(lower, n)}, {skip}-{depth} {with_se(learned, n)}", core=True),
+            Check(f"layers 1-{skip - 1} do not improve with training", compare(lower0, lower, n) >= 0,
+                  moved(lower0, lower)),
+            Check(f"untrained, a second bump: layer {skip} below layer {neighbour}", compare(bump0, bump1, n) < 0,
+                  f"layer {neighbour} {with_se(bump0, n)}, layer {skip} {with_se(bump1, n)}")]
 
 
 def train_and_probe(model: MLP, splits: dict[str, lp.ArrayDataset], settings: Settings, *, moments: list[int],
@@ -154,31 +185,36 @@ def train_and_probe(model: MLP, splits: dict[str, lp.ArrayDataset], settings: Se
 
 
 def plot_moments(result: lp.ProbeResult, out: Path, variant: str) -> list[str]:
-    """A bar chart of the error per layer for each moment, then the timeline (layer x minibatch heatmap, the
-    animation through the moments, ``diagnostics.md``); the figures' file names."""
-    paths = [plot_error_by_depth(result, out / f"errors_step{step}.png", step=step,
-                                 title=f"deep-mlp ({variant}): probe test error after {step} minibatches")
-             for step in result.steps]
+    """A bar chart of the error per layer for each moment (its legend beside the axes, where it cannot cover the
+    deep bars near chance), then the timeline (layer x minibatch heatmap, the animation through the moments,
+    ``diagnostics.md``); the figures' file names."""
+    paths = []
+    for step in result.steps:
+        fig = plot_error_by_depth(result, step=step,
+                                  title=f"deep-mlp ({variant}): probe test error after {step} minibatches")
+        fig.axes[0].legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, fontsize=8)
+        paths.append(save_figure(fig, out / f"errors_step{step}.png"))
     timeline = lp.save_timeline(result, out, split="test")
     return [p.name for p in [*paths, timeline["heatmap"], timeline["animation"]]]
 
 
-def findings(result: lp.ProbeResult, settings: Settings) -> list[str]:
+def findings(result: lp.ProbeResult, settings: Settings, n: int) -> list[str]:
     """Per moment the input, each block of layers and the model's own error; then the ranges the claims are about
-    and the diagnostics (kinks, at noise level in so deep a stack, are left to ``diagnostics.md``)."""
+    with their standard errors on ``n`` test images, and the diagnostics (kinks, at noise level in so deep a
+    stack, are left to ``diagnostics.md``)."""
     depth, skip = settings.depth, settings.skip_to
     lines = []
     for step in result.steps:
         errors = result.errors("test", step=step)
         blocks = block_means(errors, block=settings.aux_every, depth=depth)
-        lines.append(f"after {step} minibatches: input {errors['input']:.1%}; layers "
+        lines.append(f"after {step} minibatches: input {with_se(errors['input'], n)}; layers "
                      + ", ".join(f"{k} {v:.0%}" for k, v in blocks.items())
-                     + f"; the model's own test error {result.meta['model_test_error'][str(step)]:.1%}")
+                     + f"; the model's own test error {with_se(result.meta['model_test_error'][str(step)], n)}")
     last = result.errors("test")
-    chance = result.chance_error
-    lines.append(f"after {result.steps[-1]} minibatches: layers 1-{skip - 1} {range_mean(last, 1, skip - 1):.1%}, "
-                 f"{skip}-{depth} {range_mean(last, skip, depth):.1%}, last quarter "
-                 f"{range_mean(last, depth - depth // 4 + 1, depth):.1%} (chance {chance:.1%})")
+    lines.append(f"after {result.steps[-1]} minibatches: layers 1-{skip - 1} "
+                 f"{with_se(range_mean(last, 1, skip - 1), n)}, {skip}-{depth} "
+                 f"{with_se(range_mean(last, skip, depth), n)}, last quarter "
+                 f"{with_se(range_mean(last, depth - depth // 4 + 1, depth), n)} (chance {result.chance_error:.1%})")
     diagnosed = lp.diagnose(result, split="test")
     return lines + [f"diagnostics: {f.describe()}" for f in diagnosed if not isinstance(f, Kink)]
 
@@ -202,6 +238,30 @@ def described(settings: Settings, variant: str, splits: dict[str, lp.ArrayDatase
             "torch threads": torch.get_num_threads()}
 
 
+def run_notes(settings: Settings, *, variant: str, data: str, n_train: int, moments: list[int], probes: int,
+              quick: bool) -> list[str]:
+    """The notes, computed from the run: 003's recipe, the epochs the minibatches make on this training set, how
+    many probes were fitted on which L2 path, where the heads and the skip sit against 002 and 003, and (skip)
+    the moments against the paper's Fig. 8."""
+    depth, every, skip = settings.depth, settings.aux_every, settings.skip_to
+    return [RECIPE,
+            (f"data={data!r} leaves {n_train:,} images for training, so {moments[-1]} minibatches of {BATCH_SIZE} are "
+             f"about {moments[-1] * BATCH_SIZE / n_train:.0f} epochs (002 and 003: 60,000 images, 10 epochs)"),
+            ("the paper plots the probes' train error; we report test error (train and valid are in results.csv); "
+             "probes are exact (L-BFGS to convergence) on a fixed subset of the training images with the L2 chosen "
+             f"on valid from the {len(settings.l2_path)}-point path {settings.l2_path}, so that {len(moments)} x "
+             f"{probes} probes fit the time budget (sizes under Settings)"),
+            (f"aux: heads after layers {every}, {2 * every}, ..., {depth - every} plus the classifier after {depth}, "
+             f"one loss every {every} layers as 002 describes (003's code puts them after layers 1, {every + 1}, ..., "
+             f"{depth - every + 1} and {depth}); skip: the input is concatenated into layer {skip} as 002 describes "
+             "(003 adds a projection of it instead)"),
+            *([(f"the paper's Fig. 8 shows the skip model after {FIG8_STEP} minibatches; we probe it at {moments}, "
+                f"so our last moment is {'later' if moments[-1] > FIG8_STEP else 'earlier'} than the figure's")]
+              if variant == "skip" and FIG8_STEP not in moments else []),
+            *([(f"quick: the design scaled to {depth} layers of {settings.width} units (see the module docstring), "
+                f"lr {settings.lr:g}")] if quick else [])]
+
+
 def run(out: Path, *, quick: bool = False, data: str = "mnist", seed: int = 0, progress: bool = True,
         variant: str = "plain", steps: list[int] | None = None) -> Summary:
     """Train the deep MLP ``variant`` with RMSProp, probing the input and its layers at each of ``steps``."""
@@ -217,11 +277,13 @@ def run(out: Path, *, quick: bool = False, data: str = "mnist", seed: int = 0, p
                              progress=progress)
     result.save(out)
     figures = plot_moments(result, out, variant)
-    chance = result.chance_error
-    agrees = verdict(variant, result.errors("test"), chance=chance, settings=settings)
-    notes = NOTES + ([f"quick: the design scaled to {settings.depth} layers of {settings.width} units (see the "
-                      f"module docstring), lr {settings.lr:g}"] if quick else [])
-    return Summary(f"deep-mlp ({variant})", CLAIMS[variant], findings(result, settings), agrees,
+    n = len(splits["test"])
+    judged = checks(variant, result.errors("test", step=moments[0]), result.errors("test"),
+                    result.meta["model_test_error"][str(moments[-1])], chance=result.chance_error, n=n,
+                    settings=settings)
+    notes = run_notes(settings, variant=variant, data=data, n_train=len(train), moments=moments,
+                      probes=len(result.names), quick=quick)
+    return Summary(f"deep-mlp ({variant})", CLAIMS[variant], findings(result, settings, n), judged,
                    settings={"data": data, "variant": variant, **described(settings, variant, splits, moments),
                              "seed": seed},
                    figures=figures, tables=[result.table(step, markdown=True) for step in moments], notes=notes)

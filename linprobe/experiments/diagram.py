@@ -33,7 +33,7 @@ def run(out: Path, *, quick: bool = False, data: str = "fashion-mnist", seed: in
                 + "".join(f", auxiliary branch {b} off {p}" for p, b in lay.get("branches", {}).items())
                 + "".join(f", skip {s} -> {d}" for s, d in lay.get("skips", {}).items())
                 for name, lay in layouts.items()]
-    return Summary("diagram", CLAIM, findings, agrees=None, figures=[f"{name}.png" for name in layouts],
+    return Summary("diagram", CLAIM, findings, checks=[], figures=[f"{name}.png" for name in layouts],
                    notes=["a notation, not a measurement: results.csv is empty and results.json holds the drawn "
                           "layouts; the resnet and inception experiments colour the same diagrams by probe error",
                           f"the deep MLP's 128 layers are elided ('{GAP}') to the ends and the skip's neighbourhood"],

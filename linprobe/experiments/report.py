@@ -1,6 +1,8 @@
-"""Experiment summaries: our numbers beside the paper's claim, as markdown."""
+"""Experiment summaries: our numbers beside the paper's claim, checked by rules that can fail, as markdown."""
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -8,28 +10,105 @@ from scipy.stats import spearmanr
 
 from linprobe.atomic import atomic_write_text
 
-RISE = 0.01  # a rise of the probe error larger than this from one layer to the next counts as a kink
+SIGNIFICANT = 2.0  # a difference between two errors counts only beyond this many standard errors of it
+VERDICTS = ("reproduced", "partly", "not")
+
+
+def standard_error(p: float, n: int) -> float:
+    """The standard error of an error rate ``p`` measured on ``n`` samples: sqrt(p (1 - p) / n)."""
+    if n < 1 or not 0.0 <= p <= 1.0:
+        raise ValueError(f"an error rate needs 0 <= p <= 1 and n >= 1 samples, got p={p}, n={n}")
+    return math.sqrt(p * (1.0 - p) / n)
+
+
+def with_se(p: float, n: int, *, digits: int = 1) -> str:
+    """``p`` as a percentage with its standard error on ``n`` samples beside it in points, e.g. ``"2.8% (SE 0.5)"``;
+    an SE too small for ``digits`` decimals keeps one significant digit (``"1.2% (SE 0.03)"``), never a bare 0."""
+    se = 100 * standard_error(p, n)
+    shown = f"{se:.{digits}f}" if se == 0 or se >= 10 ** -digits else f"{se:.1g}"
+    return f"{p:.{digits}%} (SE {shown})"
+
+
+def compare(a: float, b: float, n: int, *, k: float = SIGNIFICANT) -> int:
+    """-1 when error ``b`` is below ``a`` beyond ``k`` standard errors of the difference, 1 when above, else 0.
+
+    Both are rates on ``n`` samples; the difference's standard error is sqrt(se_a^2 + se_b^2), which treats the
+    two as independent (conservative for errors measured on the same samples)."""
+    margin = k * math.hypot(standard_error(a, n), standard_error(b, n))
+    return 0 if abs(b - a) <= margin else (1 if b > a else -1)
+
+
+def significant_steps(errors: dict[str, float], n: int, *, direction: int = 1,
+                      k: float = SIGNIFICANT) -> list[tuple[str, str, float]]:
+    """Every step ``(a, b, change)`` along ``errors`` (in depth order) where the error rises (``direction`` 1)
+    or falls (-1) beyond ``k`` standard errors of the difference, each error a rate on ``n`` samples."""
+    if direction not in (1, -1):
+        raise ValueError(f"direction must be 1 (rises) or -1 (falls), got {direction!r}")
+    names, values = list(errors), list(errors.values())
+    return [(a, b, eb - ea) for a, b, ea, eb in zip(names, names[1:], values, values[1:])
+            if compare(ea, eb, n, k=k) == direction]
+
+
+def listed(steps: Sequence[tuple[str, str, float]]) -> str:
+    """Steps from :func:`significant_steps` as text, ``"none"`` when there are none."""
+    return ", ".join(f"{a}->{b} ({d:+.1%})" for a, b, d in steps) or "none"
+
+
+@dataclass(frozen=True)
+class Check:
+    """One claim of the paper tested on our numbers: whether it held and the numbers (with SEs) that say so.
+
+    ``core`` marks the experiment's headline claim: if it fails the verdict is "not"."""
+
+    claim: str
+    passed: bool
+    evidence: str
+    core: bool = False
+
+    def markdown(self) -> str:
+        """One list item: pass/fail, the claim, the evidence."""
+        return f"{'holds' if self.passed else 'FAILS'}{' (core)' if self.core else ''}: {self.claim} -- {self.evidence}"
+
+
+def verdict(checks: Sequence[Check]) -> str:
+    """"reproduced" when every check holds, "not" when a core check fails, otherwise "partly"."""
+    if not checks or not any(c.core for c in checks):
+        raise ValueError("a verdict needs at least one check marked core (the experiment's headline claim)")
+    if all(c.passed for c in checks):
+        return "reproduced"
+    return "not" if any(c.core and not c.passed for c in checks) else "partly"
 
 
 @dataclass
 class Summary:
-    """What an experiment claims, what we measured, and whether they agree."""
+    """What an experiment claims, what we measured, and the checks that judge whether they agree (none: nothing
+    is measured, the verdict is left to the notes)."""
 
     name: str
     claim: str
     findings: list[str]
-    agrees: bool | None
+    checks: list[Check]
     settings: dict[str, object] = field(default_factory=dict)
     figures: list[str] = field(default_factory=list)
     tables: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
+    @property
+    def verdict(self) -> str | None:
+        """The checks' verdict (see :func:`verdict`), None when there are no checks."""
+        return verdict(self.checks) if self.checks else None
+
     def markdown(self) -> str:
-        """The summary page: claim, verdict, findings, settings, figures, tables."""
-        verdict = {True: "reproduced", False: "not reproduced", None: "see notes"}[self.agrees]
-        lines = [f"# {self.name}", "", f"**Paper:** {self.claim}", "", f"**Verdict:** {verdict}", "",
-                 "## Our numbers", "", *[f"- {f}" for f in self.findings], ""]
+        """The summary page: claim, verdict and its checks, findings, notes, settings, figures, tables."""
+        words = {"reproduced": "reproduced", "partly": "partly reproduced", "not": "not reproduced",
+                 None: "see notes"}[self.verdict]
+        lines = [f"# {self.name}", "", f"**Paper:** {self.claim}", "", f"**Verdict:** {words}", ""]
+        if self.checks:
+            lines += ["## Checks", "", (f"Reproduced when every check holds, not when a core check fails, partly "
+                      f"otherwise; a difference counts only beyond {SIGNIFICANT:g} standard errors (SE of an error "
+                      "p on n samples: sqrt(p(1-p)/n))."), "", *[f"- {c.markdown()}" for c in self.checks], ""]
+        lines += ["## Our numbers", "", *[f"- {f}" for f in self.findings], ""]
         if self.notes:
             lines += ["## Notes", "", *[f"- {n}" for n in self.notes], ""]
         lines += ["## Settings", "", *[f"- {k}: {v}" for k, v in self.settings.items()],
@@ -45,9 +124,7 @@ class Summary:
         return out / "summary.md"
 
 
-def depth_trend(errors: dict[str, float], *, rise: float = RISE) -> tuple[float, list[tuple[str, str, float]]]:
-    """Spearman correlation of error with position (-1: strictly falling) and every rise larger than ``rise``."""
-    names, values = list(errors), list(errors.values())
-    rho = float(spearmanr(range(len(values)), values).statistic)
-    rises = [(a, b, eb - ea) for a, b, ea, eb in zip(names, names[1:], values, values[1:]) if eb - ea > rise]
-    return rho, rises
+def depth_trend(errors: dict[str, float], n: int) -> tuple[float, list[tuple[str, str, float]]]:
+    """Spearman correlation of error with position (-1: strictly falling) and every rise beyond two SEs on ``n``."""
+    rho = float(spearmanr(range(len(errors)), list(errors.values())).statistic)
+    return rho, significant_steps(errors, n)

@@ -1,6 +1,7 @@
 """Plain training loops for the paper's models: seeded shuffling, optional per-step callback."""
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -12,30 +13,35 @@ from linprobe.data import ArrayDataset
 StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
 
 
-def classification_loss(model: nn.Module, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of the main head plus that of every auxiliary head the model exposes."""
+def classification_loss(model: nn.Module, logits: torch.Tensor, y: torch.Tensor, *,
+                        aux_weight: float = 1.0) -> torch.Tensor:
+    """Cross-entropy of the main head plus ``aux_weight`` times that of every auxiliary head the model exposes
+    (the deep MLP's heads count fully, as in 002; Inception v3 weighs its one auxiliary head 0.4)."""
     loss = F.cross_entropy(logits, y)
     for aux in getattr(model, "aux_logits", {}).values():
-        loss = loss + F.cross_entropy(aux, y)
+        loss = loss + aux_weight * F.cross_entropy(aux, y)
     return loss
 
 
 def train_epochs(model: nn.Module, train: ArrayDataset, optimizer: torch.optim.Optimizer, *, epochs: int,
                  batch_size: int, seed: int = 0, scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
                  penalty: Callable[[], torch.Tensor] | None = None, on_step: StepCallback | None = None,
-                 before_update: StepCallback | None = None) -> int:
+                 before_update: StepCallback | None = None, aux_weight: float = 1.0) -> int:
     """Train for ``epochs`` passes over shuffled minibatches (scheduler stepped per epoch); returns steps done.
 
     ``on_step(steps_done, x, y)`` runs after each update; ``before_update(steps_done, x, y)`` after the
     backward, before the update (where a ``linprobe.Monitor`` steps: it sees the parameters of ``steps_done``).
+    ``aux_weight`` weighs the auxiliary heads' losses (:func:`classification_loss`).
     """
+    if not (isinstance(aux_weight, (int, float)) and aux_weight >= 0 and math.isfinite(aux_weight)):
+        raise ValueError(f"aux_weight must be a finite number >= 0, got {aux_weight!r}")
     g = torch.Generator().manual_seed(seed)
     step = 0
     model.train()
     for _ in range(epochs):
         for idx in torch.randperm(len(train), generator=g).split(batch_size):
             x, y = train.x[idx], train.y[idx]
-            loss = classification_loss(model, model(x), y)
+            loss = classification_loss(model, model(x), y, aux_weight=aux_weight)
             if penalty is not None:
                 loss = loss + penalty()
             optimizer.zero_grad(set_to_none=True)
@@ -63,13 +69,13 @@ def model_error(model: nn.Module, data: ArrayDataset, batch_size: int = 1024) ->
 
 
 def train_sgd(model: nn.Module, train: ArrayDataset, *, epochs: int, batch_size: int = 128, lr: float = 0.05,
-              seed: int = 0, on_step: StepCallback | None = None) -> int:
+              seed: int = 0, on_step: StepCallback | None = None, aux_weight: float = 1.0) -> int:
     """SGD with Nesterov momentum 0.9 and weight decay 5e-4, learning rate cosine-annealed per epoch: the
-    recipe of the BatchNorm nets (ResNet, Inception); returns steps done."""
+    recipe of the BatchNorm nets (ResNet, Inception), auxiliary heads weighed ``aux_weight``; returns steps done."""
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
     return train_epochs(model, train, optimizer, epochs=epochs, batch_size=batch_size, seed=seed,
                         scheduler=torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs),
-                        on_step=on_step)
+                        on_step=on_step, aux_weight=aux_weight)
 
 
 def at_most(data: ArrayDataset, n: int | None, *, seed: int = 0) -> ArrayDataset:
