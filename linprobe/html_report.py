@@ -99,7 +99,7 @@ def _heatmap(result: ProbeResult, split: str = "valid") -> dict[str, Any]:
     scale (0 blue to chance red), each with its number and interval as a tooltip."""
     from matplotlib.colors import to_hex
 
-    from linprobe.plots import ERROR_CMAP  # matplotlib only when a report has steps
+    from linprobe.plots import probe_colour  # matplotlib only when a report has steps
 
     chance = result.chance_error or 1.0
     found = {(r.layer, r.step): r for r in result.rows if (r.task, r.split, r.metric) == (MAIN, split, "top1_error")}
@@ -109,7 +109,7 @@ def _heatmap(result: ProbeResult, split: str = "valid") -> dict[str, Any]:
         for step in result.steps:
             row = found.get((info.name, step))
             cell = _cell(row)
-            cell["colour"] = "#ffffff" if row is None else to_hex(ERROR_CMAP(min(row.value / chance, 1.0)))
+            cell["colour"] = "#ffffff" if row is None else to_hex(probe_colour(row.value, chance))
             cell["title"] = f"step {step}: {cell['text']}" + (f"; {cell['title']}" if cell.get("title") else "")
             cells.append(cell)
         rows.append({"name": info.name, "cells": cells})
