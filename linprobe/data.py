@@ -335,24 +335,32 @@ def _class_allocation(class_sizes: np.ndarray, counts: np.ndarray, rng: np.rando
     """Samples of each class in each part (classes x parts), every entry its exact share class_size * part_size / n
     rounded down or up, with class and part totals kept exact.
 
-    Such a rounding always exists: the constraints form a transportation problem, so every vertex of the rounding
-    polytope is integral, and a simplex solver with a random objective returns a random one."""
-    import scipy.optimize  # imported here: a third of a second that only a split needs
-    import scipy.sparse
-
+    Such a rounding always exists (the constraints form a transportation problem, whose vertices are integral).
+    It is built part by part, Ryser's way: each part's round-ups go to the classes that most need them (the most
+    round-ups still owed per part left that can take one), ties broken at random, so the same seed gives the same
+    allocation."""
     n = int(class_sizes.sum())
     totals = np.append(counts, n - counts.sum())  # the last column holds the samples left out of every part
-    share = np.outer(class_sizes, totals) / n
-    n_classes, n_parts = share.shape
-    sums = scipy.sparse.vstack([scipy.sparse.kron(scipy.sparse.eye(n_classes), np.ones((1, n_parts))),
-                                scipy.sparse.kron(np.ones((1, n_classes)), scipy.sparse.eye(n_parts))])
-    solution = scipy.optimize.linprog(rng.random(share.size), A_eq=sums, b_eq=np.concatenate([class_sizes, totals]),
-                                      bounds=np.column_stack([np.floor(share).ravel(), np.ceil(share).ravel()]),
-                                      method="highs-ds")
-    if not solution.success:
-        raise RuntimeError(f"stratified allocation failed ({solution.message}); "
-                           "please report this with the class sizes")
-    return np.rint(solution.x).astype(np.int64).reshape(share.shape)
+    share = np.outer(class_sizes, totals).astype(np.float64) / n
+    floor = np.floor(share + 1e-9).astype(np.int64)
+    open_ = share - floor > 1e-9  # cells that may be rounded up
+    owed = class_sizes - floor.sum(1)  # round-ups each class still needs
+    ups = totals - floor.sum(0)  # round-ups each part takes
+    up = np.zeros_like(floor)
+    for part in range(len(totals)):
+        room = open_[:, part:].sum(1)  # the parts left where each class can still be rounded up
+        urgency = np.where(open_[:, part] & (owed > 0), owed / np.maximum(room, 1), -1.0)
+        order = np.lexsort((rng.random(len(owed)), -urgency))  # most urgent first, ties at random
+        chosen = order[:ups[part]]
+        if ups[part] and urgency[chosen].min() < 0:
+            raise RuntimeError(f"stratified allocation failed at part {part} (class sizes {class_sizes.tolist()}, "
+                               f"part sizes {totals.tolist()}); please report this")
+        up[chosen, part] = 1
+        owed[chosen] -= 1
+    if owed.any():
+        raise RuntimeError(f"stratified allocation failed (class sizes {class_sizes.tolist()}, part sizes "
+                           f"{totals.tolist()}); please report this")
+    return floor + up
 
 
 def stratified_split(data: ArrayDataset, sizes: Sequence[float | int], *, seed: int = 0) -> list[ArrayDataset]:
