@@ -115,6 +115,8 @@ def _add_probe_options(p: argparse.ArgumentParser, out_help: str) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--max-iter", type=_positive, default=500, help="L-BFGS iterations per L2 (default 500)")
+    p.add_argument("--no-bootstrap", action="store_true",
+                   help="leave out the bootstrap intervals (balanced error, F1, AUROC, R^2); top-1/top-5 intervals stay")
     p.add_argument("--no-standardize", action="store_true",
                    help="fit the probes on the raw features instead of standardised ones (see docs/benchmarks.md)")
     p.add_argument("--task", action="append", type=_task_option, metavar="NAME=SPEC", dest="tasks",
@@ -197,7 +199,7 @@ def _probe_options(args: argparse.Namespace) -> dict[str, Any]:
     return {"layers": args.layers, "reduce": args.reduce, "feature_budget": args.budget, "dtype": args.dtype,
             "batch_size": args.batch_size, "seed": args.seed, "progress": not args.quiet,
             "max_iter": args.max_iter, "distribute": args.distribute, "standardize": not args.no_standardize,
-            "tasks": _tasks(args.tasks)}
+            "tasks": _tasks(args.tasks), "bootstrap": not args.no_bootstrap}
 
 
 def _print_result(result: ProbeResult, wrote: str) -> None:

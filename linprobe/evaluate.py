@@ -40,14 +40,16 @@ class Evaluation:
 
 
 @torch.no_grad()
-def evaluate(task: Targets, out: Tensor, y: Tensor) -> Evaluation:
-    """Score a probe's outputs ``out`` (logits, or predicted values) against the task's targets ``y``."""
+def evaluate(task: Targets, out: Tensor, y: Tensor, *, bootstrap: bool = True) -> Evaluation:
+    """Score a probe's outputs ``out`` (logits, or predicted values) against the task's targets ``y``; without
+    ``bootstrap`` only the closed-form (Wilson) intervals are computed, which cost nothing."""
     out, y = out.detach().float().cpu(), y.cpu()
     if task.kind == "values":
         pred = out if y.dim() == 2 else out[:, 0]
         stats = regression_stats(pred, y)
         metrics = {"mse": _point(stats["mse"], len(y)), "r2": _point(stats["r2"], len(y))}
-        return Evaluation(metrics, bootstrap_intervals(stats, len(y), LEVEL, BOOTSTRAP_SAMPLES), pred)
+        return Evaluation(metrics, bootstrap_intervals(stats, len(y), LEVEL, BOOTSTRAP_SAMPLES) if bootstrap else {},
+                          pred)
     classes = out.shape[1]
     pred = out.argmax(1)
     metrics = {"top1_error": (pred != y).double().mean().item(), "cross_entropy": F.cross_entropy(out, y).item()}
@@ -61,11 +63,13 @@ def evaluate(task: Targets, out: Tensor, y: Tensor) -> Evaluation:
     stats = classification_stats(cells // classes, cells % classes, classes)
     del stats["error"]
     metrics.update({name: float(stat(counts[None].double())[0]) for name, stat in stats.items()})
-    intervals.update(bootstrap_intervals(stats, len(cells), LEVEL, BOOTSTRAP_SAMPLES, counts=counts))
+    if bootstrap:
+        intervals.update(bootstrap_intervals(stats, len(cells), LEVEL, BOOTSTRAP_SAMPLES, counts=counts))
     if classes == 2 and len(y.unique()) == 2:  # AUROC needs both classes among the evaluated samples
         auroc = {"auroc": weighted_auroc(out[:, 1] - out[:, 0], y)}
         metrics["auroc"] = _point(auroc["auroc"], len(y))
-        intervals.update(bootstrap_intervals(auroc, len(y), LEVEL, BOOTSTRAP_SAMPLES))
+        if bootstrap:
+            intervals.update(bootstrap_intervals(auroc, len(y), LEVEL, BOOTSTRAP_SAMPLES))
     return Evaluation(metrics, intervals, pred)
 
 

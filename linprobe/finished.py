@@ -102,8 +102,8 @@ def probe(model: nn.Module, train: Any, valid: Any, test: Any = None, *, layers:
           select: Selector | Mapping[str, Selector] | None = None, tokens: TokenReduction = "auto",
           repeat: RepeatPolicy = "each", inputs: InputSpec | None = None, step: int = 0, progress: bool = True,
           plot: bool = True, max_iter: int = 500, patience: int | None = 2, warm_start: ProbeBank | None = None,
-          distribute: str = "rows", standardize: bool = True, tasks: Mapping[str, TaskSpec] | None = None
-          ) -> ProbeResult:
+          distribute: str = "rows", standardize: bool = True, tasks: Mapping[str, TaskSpec] | None = None,
+          bootstrap: bool = True) -> ProbeResult:
     """Probe every chosen layer of a finished model: train / valid (/ test) error, top-5, cross-entropy.
 
     Data are ``(x, y)`` arrays or tensors (``x`` of any dtype, or a tuple / dict of them: ``model(*x)``,
@@ -126,7 +126,8 @@ def probe(model: nn.Module, train: Any, valid: Any, test: Any = None, *, layers:
     second forward pass (``linprobe.tasks``): ``{"coarse": lambda y: y // 5, "control": control_task(),
     "size": values(train=..., valid=..., test=...)}``; each has its own probes and rows (the ``task`` column; the
     data's own labels are ``"main"``), and a control or shuffled task a ``selectivity`` row per layer and split.
-    Every error carries a confidence interval (``lo``, ``hi``). A layer with a NaN or Inf in any split gets no probe: it
+    Every number carries a 95% confidence interval (``lo``, ``hi``): Wilson's for top-1 and top-5 error, a seeded
+    bootstrap for the others, which ``bootstrap=False`` leaves out (docs/benchmarks.md measures its cost). A layer with a NaN or Inf in any split gets no probe: it
     is reported in ``meta["invalid"]`` and by one ``invalid`` row holding the first offending sample.
 
     ``max_iter`` (L-BFGS iterations per L2) and ``patience`` (stop the L2 path after that many rises
@@ -152,7 +153,8 @@ def probe(model: nn.Module, train: Any, valid: Any, test: Any = None, *, layers:
                 "l2_path": l2_path, "batch_size": batch_size, "seed": seed, "select": select_key,
                 "tokens": tokens, "repeat": repeat, "inputs": inputs, "step": step, "max_iter": max_iter,
                 "patience": patience, "warm_start": warm_start is not None, "distribute": distribute,
-                "standardize": standardize, "tasks": {name: describe_spec(t) for name, t in (tasks or {}).items()}}
+                "standardize": standardize, "tasks": {name: describe_spec(t) for name, t in (tasks or {}).items()},
+                "bootstrap": bootstrap}
     if distribute not in ("rows", "layers"):
         raise ValueError(f"distribute must be 'rows' or 'layers', not {distribute!r}")
     fit = FitSettings(l2_path=tuple(l2_path), max_iter=max_iter, patience=patience)
@@ -171,7 +173,7 @@ def probe(model: nn.Module, train: Any, valid: Any, test: Any = None, *, layers:
         cache = stack.enter_context(FeatureCache(root / "features" / key, key).locked_by_job())
         stats = _extract_all(taps, splits, cache, reduce, feature_budget, seed, dtype, batch_size, progress)
         result, banks = _fit_all(cache, targets, "test" in splits, fit, model_device(model), step, progress,
-                                 warm_start, distribute, standardize)
+                                 warm_start, distribute, standardize, bootstrap)
         _warn_unfinished(result, max_iter, step)
         _warn_invalid(result)
         _note_overfitting(result)
@@ -331,7 +333,7 @@ def _batches(cache: FeatureCache, names: list[str], rows: int) -> list[list[str]
 
 def _fit_all(cache: FeatureCache, tasks: list[Targets], has_test: bool, fit: FitSettings, device: torch.device,
              step: int, progress: bool, warm_start: ProbeBank | None = None, distribute: str = "rows",
-             standardize: bool = True) -> tuple[ProbeResult, dict[str, ProbeBank]]:
+             standardize: bool = True, bootstrap: bool = True) -> tuple[ProbeResult, dict[str, ProbeBank]]:
     """Fit one probe per task and valid cached layer (L2 chosen on valid), then evaluate every probe once on test.
 
     Layers of one width are standardised once and fitted together for every task (``solvers.fit_paths``,
@@ -388,7 +390,8 @@ def _fit_all(cache: FeatureCache, tasks: list[Targets], has_test: bool, fit: Fit
             for probe, path, std, xt, xv in zip(probes, paths, stds, x_train, x_valid):
                 probe.adopt(path, std)
                 fitted[task.name][probe.layer] = probe, {
-                    split: evaluate(task, _gathered(probe.logits(x), sharded), full[task.name][split])
+                    split: evaluate(task, _gathered(probe.logits(x), sharded), full[task.name][split],
+                                    bootstrap=bootstrap)
                     for split, x in (("train", xt), ("valid", xv))}
         del x_train, x_valid
     bar.close()
@@ -398,7 +401,8 @@ def _fit_all(cache: FeatureCache, tasks: list[Targets], has_test: bool, fit: Fit
                                    device, cache.root)
             for task in tasks:
                 task_probe, found = fitted[task.name][name]
-                found["test"] = evaluate(task, _gathered(task_probe.logits(x_test), sharded), full[task.name]["test"])
+                found["test"] = evaluate(task, _gathered(task_probe.logits(x_test), sharded), full[task.name]["test"],
+                                         bootstrap=bootstrap)
     if distribute == "layers":
         fitted = {task: {name: part for parts in distributed.all_gather_object(mine_) for name, part in parts.items()}
                   for task, mine_ in fitted.items()}

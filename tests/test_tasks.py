@@ -179,3 +179,13 @@ def test_a_probe_that_memorises_train_is_named(caplog) -> None:
                           l2_path=(1e-4,), **FAST)
     assert result.value("input", "train") == 0 and result.value("input", "valid") > 0.1
     assert "input" in result.meta["overfit"] and "overfit" in caplog.text
+
+
+def test_without_bootstrap_only_the_closed_form_intervals_are_computed(digits) -> None:
+    train, valid, _ = digits
+    full = lp.probe(nn.Flatten(), train, valid, **FAST)
+    quick = lp.probe(nn.Flatten(), train, valid, bootstrap=False, **FAST)
+    assert [r.value for r in quick.rows] == [r.value for r in full.rows]  # the same numbers
+    assert quick.interval("input", "valid") == full.interval("input", "valid")  # Wilson's, closed form
+    assert full.row("input", "valid", "balanced_error").lo is not None
+    assert quick.row("input", "valid", "balanced_error").lo is None

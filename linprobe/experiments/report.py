@@ -6,9 +6,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from scipy.stats import spearmanr
-
 from linprobe.atomic import atomic_write_text
+from linprobe.data import require_extra
 
 SIGNIFICANT = 2.0  # a difference between two errors counts only beyond this many standard errors of it
 VERDICTS = ("reproduced", "partly", "not")
@@ -126,5 +125,6 @@ class Summary:
 
 def depth_trend(errors: dict[str, float], n: int) -> tuple[float, list[tuple[str, str, float]]]:
     """Spearman correlation of error with position (-1: strictly falling) and every rise beyond two SEs on ``n``."""
-    rho = float(spearmanr(range(len(errors)), list(errors.values())).statistic)
+    stats = require_extra("scipy.stats", "experiments", "the experiments' rank correlation")
+    rho = float(stats.spearmanr(range(len(errors)), list(errors.values())).statistic)
     return rho, significant_steps(errors, n)
