@@ -288,3 +288,22 @@ def test_device_option_is_checked_up_front(device, message, capsys):
 def test_a_folder_lists_safetensors_checkpoints_too(tmp_path):
     touch(tmp_path, "step_20.safetensors", "step_3.pt", "readme.md")
     assert find_checkpoints(tmp_path) == [(3, tmp_path / "step_3.pt"), (20, tmp_path / "step_20.safetensors")]
+
+
+def test_a_sweep_fits_every_task_and_refuses_other_labels_on_resume(run, tmp_path):
+    from linprobe.tasks import control_task
+
+    data = splits(run)
+    chosen = find_checkpoints(run)[:2]
+    out = tmp_path / "sweep"
+    tasks = {"odd": lambda y: y % 2, "control": control_task()}
+    result = sweep(mnist_convnet, chosen, data["train"], data["valid"], out=out, figures=False, tasks=tasks, **FAST)
+    steps = [step for step, _ in chosen]
+    for task in ("main", "odd", "control"):
+        assert sorted({r.step for r in result.rows if r.task == task}) == steps
+    assert set(result.errors("valid", "selectivity", steps[-1], task="control")) == set(LAYERS)
+    again = sweep(mnist_convnet, chosen, data["train"], data["valid"], out=out, figures=False, tasks=tasks, **FAST)
+    assert [(r.task, r.value) for r in again.rows] == [(r.task, r.value) for r in result.rows]  # read back
+    other = ArrayDataset(data["train"].x, (data["train"].y + 1) % 10)
+    with pytest.raises(SweepError, match=r"targets: "):  # the same inputs with other labels: not this sweep
+        sweep(mnist_convnet, chosen, other, data["valid"], out=out, figures=False, tasks=tasks, **FAST)
