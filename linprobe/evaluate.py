@@ -2,8 +2,8 @@
 
 Classification: ``top1_error`` and ``top5_error`` (more than five classes) with Wilson intervals,
 ``balanced_error`` and ``macro_f1`` (and ``auroc`` for two classes) with a seeded percentile bootstrap over the
-evaluated samples (for the first two, over their (prediction, label) pairs: the same resampling distribution at a
-cost in classes^2, not samples), and ``cross_entropy``. Regression: ``mse`` and ``r2`` (uniform over outputs), bootstrapped. The
+evaluated samples (for the first two, a Poisson bootstrap over their (prediction, label) pairs: the same resampling
+distribution to first order, at a cost in classes^2, not samples), and ``cross_entropy``. Regression: ``mse`` and ``r2`` (uniform over outputs), bootstrapped. The
 bootstrap draws the same resamples for every layer (seed 0), so intervals of two layers are comparable and a run
 is reproducible bit for bit; the predictions let :func:`linprobe.uncertainty.paired_difference` compare two
 layers, checkpoints or models on the same samples.

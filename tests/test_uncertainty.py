@@ -277,8 +277,8 @@ def test_differs_beyond_noise_unpaired() -> None:
 
 
 def test_bootstrap_over_prediction_label_cells_matches_the_per_sample_bootstrap():
-    """Balanced error and macro-F1 depend only on the (prediction, label) pairs: resampling those cells (a
-    multinomial of n over at most classes^2 cells) is the per-sample bootstrap's distribution, at a cost in cells."""
+    """Balanced error and macro-F1 depend only on the (prediction, label) pairs: resampling those cells (a Poisson
+    count per cell) gives the per-sample bootstrap's intervals, at a cost in cells."""
     g = torch.Generator().manual_seed(5)
     y = torch.randint(0, 4, (3000,), generator=g)
     pred = torch.where(torch.rand(3000, generator=g) < 0.7, y, torch.randint(0, 4, (3000,), generator=g))
