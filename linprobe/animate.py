@@ -12,7 +12,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.animation import FFMpegWriter, FuncAnimation, PillowWriter, writers  # noqa: E402
+from matplotlib.animation import AbstractMovieWriter, FFMpegWriter, FuncAnimation, PillowWriter, writers  # noqa: E402
 
 from linprobe.plots import error_grid, probe_colour  # noqa: E402
 from linprobe.results import ProbeResult  # noqa: E402
@@ -47,14 +47,15 @@ def animate_errors(result: ProbeResult, path: str | Path, *, split: str = "valid
     draw(0)
     fig.tight_layout()
     movie = FuncAnimation(fig, draw, frames=len(frames), blit=False)
-    written = [_save(movie, path, PillowWriter(fps=fps))]
+    # matplotlib's stubs say fps: int; both writers take a fractional frame rate
+    written = [_save(movie, path, PillowWriter(fps=fps))]  # type: ignore[arg-type]
     if mp4 and writers.is_available("ffmpeg"):
-        written.append(_save(movie, path.with_suffix(".mp4"), FFMpegWriter(fps=fps)))
+        written.append(_save(movie, path.with_suffix(".mp4"), FFMpegWriter(fps=fps)))  # type: ignore[arg-type]
     plt.close(fig)
     return written
 
 
-def _save(movie: FuncAnimation, path: Path, writer: object) -> Path:
+def _save(movie: FuncAnimation, path: Path, writer: AbstractMovieWriter) -> Path:
     """Save through a temporary file in the same folder, so no half-written movie is left behind."""
     tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
     movie.save(tmp, writer=writer)

@@ -226,7 +226,8 @@ class FeatureCache:
     @property
     def layers(self) -> dict[str, dict[str, Any]]:
         """Per-layer metadata: raw shape, reduction (as a dict) and stored width."""
-        return self.manifest["layers"]
+        layers: dict[str, dict[str, Any]] = self.manifest["layers"]
+        return layers
 
     def set_layers(self, order: list[str], layers: Mapping[str, dict[str, Any]],
                    plan: Mapping[str, Any] | None = None) -> None:
@@ -258,7 +259,7 @@ class FeatureCache:
         atomic_write_text(self.root / MANIFEST, json.dumps(self.manifest, indent=1))
 
     def _entry(self, split: str) -> dict[str, Any]:
-        entry = self.manifest["splits"].get(split)
+        entry: dict[str, Any] | None = self.manifest["splits"].get(split)
         if not entry or not entry["complete"]:
             raise CacheError(f"split {split!r} is not (completely) extracted in {self.root}")
         return entry
@@ -300,7 +301,8 @@ class FeatureCache:
     def _open(self, path: Path) -> np.ndarray:
         """Memory-map one cached array; a file numpy cannot read (truncated header or data) is a CacheError."""
         try:
-            return np.load(path, mmap_mode="r")
+            array: np.ndarray = np.load(path, mmap_mode="r")
+            return array
         except (ValueError, OSError, EOFError) as e:
             raise CacheError(f"{path} cannot be read ({e}): truncated or modified; "
                              f"delete {self.root} and extract again") from None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import matplotlib
 
@@ -21,6 +22,9 @@ from torch import nn  # noqa: E402
 
 from linprobe.plots import ERROR_CMAP, error_norm, probe_colour, save_figure  # noqa: E402
 from linprobe.taps import layer_names  # noqa: E402
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
 
 GAP = "..."  # a name standing for layers left out of the picture; drawn as an ellipsis, never probed
 
@@ -66,10 +70,10 @@ def draw_model(names: Sequence[str], path: str | Path, *, errors: Mapping[str, f
     for name in (n for n in layers if n in probed):
         x, y = positions[name]
         up = y == 0  # main-path probes above the path, branch probes below their branch
-        color = probe_colour(errors[name], chance) if name in errors else "white"
+        color = probe_colour(errors[name], cast(float, chance)) if name in errors else "white"  # set with errors
         _draw_probe(ax, x, y, up=up, color=color, label=f"{errors[name]:.1%}" if name in errors else "p")
     if errors:
-        sm = plt.cm.ScalarMappable(norm=error_norm(chance), cmap=ERROR_CMAP)
+        sm = plt.cm.ScalarMappable(norm=error_norm(cast(float, chance)), cmap=ERROR_CMAP)  # checked above
         fig.colorbar(sm, ax=ax, fraction=0.025, pad=0.01, shrink=0.6,
                      label=f"probe error: 0 (blue) to chance ({chance:.2f}, red) or worse")
     ax.set_title(title or "probes behind diodes: features flow to each probe, no gradient flows back")
@@ -157,7 +161,7 @@ def _positions(names: Sequence[str], branches: Mapping[str, Sequence[str]]) -> d
     return pos
 
 
-def _draw_path(ax: plt.Axes, names: Sequence[str], x0: float, y: float, shapes: Mapping[str, Sequence[int]], *,
+def _draw_path(ax: Axes, names: Sequence[str], x0: float, y: float, shapes: Mapping[str, Sequence[int]], *,
                branch_from: tuple[float, float] | None = None) -> None:
     """Boxes from ``x0`` rightwards at height ``y``, joined by arrows (dotted around a ``GAP``); a branch
     first drops from the box at ``branch_from``."""
@@ -178,19 +182,19 @@ def _draw_path(ax: plt.Axes, names: Sequence[str], x0: float, y: float, shapes: 
         _arrow(ax, (xa + half_a, y), (xb - half_b, y), dotted=GAP in (a, b))
 
 
-def _arrow(ax: plt.Axes, a: tuple[float, float], b: tuple[float, float], *, dotted: bool = False) -> None:
+def _arrow(ax: Axes, a: tuple[float, float], b: tuple[float, float], *, dotted: bool = False) -> None:
     ax.add_patch(FancyArrowPatch(a, b, arrowstyle="-|>", mutation_scale=8, lw=1, color="black",
                                  linestyle=":" if dotted else "-", shrinkA=0, shrinkB=0))
 
 
-def _draw_skip(ax: plt.Axes, a: tuple[float, float], b: tuple[float, float]) -> None:
+def _draw_skip(ax: Axes, a: tuple[float, float], b: tuple[float, float]) -> None:
     """A skip connection: an arc under the main path from one box to a later one."""
     ax.add_patch(FancyArrowPatch((a[0], a[1] - _BOX_H / 2), (b[0], b[1] - _BOX_H / 2), arrowstyle="-|>",
                                  mutation_scale=10, lw=1.2, color="tab:purple",
                                  connectionstyle=f"arc3,rad={0.35 if b[0] > a[0] else -0.35}"))
 
 
-def _draw_probe(ax: plt.Axes, x: float, y: float, *, up: bool, color: object, label: str) -> None:
+def _draw_probe(ax: Axes, x: float, y: float, *, up: bool, color: object, label: str) -> None:
     """A wire from the box to the probe with a diode on it (triangle pointing to the probe, then a bar)."""
     sign = 1 if up else -1
     y0 = y + sign * _BOX_H / 2

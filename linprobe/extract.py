@@ -4,14 +4,14 @@ from __future__ import annotations
 import errno
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from linprobe import distributed
-from linprobe.cache import CacheError, FeatureCache
+from linprobe.cache import CacheError, FeatureCache, ShardWriter
 from linprobe.data import tree_tensors
 from linprobe.inputs import Batch, Split
 from linprobe.reduce import Reduction, reduction_from_dict
@@ -82,7 +82,7 @@ def extract_split(taps: Taps, split: Split, cache: FeatureCache, name: str, *, r
     start = time.perf_counter()
     if not cache.layers:
         if rank == 0:
-            reductions(discover(taps, split, batch_size, name), taps.plan)
+            reductions(discover(taps, split, batch_size, name), cast(Plan, taps.plan))  # discover sets the plan
         cache.manifest = distributed.broadcast_object(cache.manifest)
     taps.plan = Plan.from_dict(cache.manifest["plan"])
     taps.reductions = {n: reduction_from_dict(cache.layers[n]["reduction"]) for n in cache.manifest["order"]}
@@ -107,7 +107,7 @@ def _extract_shard(taps: Taps, split: Split, cache: FeatureCache, name: str, row
     storage = getattr(torch, dtype)
     rank, world = distributed.rank(), distributed.world_size()
     first_batch = rows.start // batch_size
-    writer = None
+    writer: ShardWriter | None = None
     nonfinite: dict[str, dict[str, Any]] = {}
     seq = rows.start  # the dataset index of the batch's first sample
     now: dict[str, Any] = {}  # the batch being extracted, for the sink
@@ -121,6 +121,7 @@ def _extract_shard(taps: Taps, split: Split, cache: FeatureCache, name: str, row
         if found is not None and layer not in nonfinite:
             row, what = found
             nonfinite[layer] = {"batch": now["number"], "sample": seq + _sample_of(batch, row), "value": what}
+        assert writer is not None  # made before the first forward
         writer.write_layer(layer, stored)
 
     taps.stop_early, taps.sink = True, sink

@@ -12,10 +12,10 @@ class per sample ``(N,)``, or one per token ``(N, T)`` with ``-100`` for positio
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sized
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -127,7 +127,7 @@ class Split:
     """One split of data, normalised once: its length, fingerprint, batches (model call, labels, token mask) and
     shards. Build it with ``Split.of(data)``; every later stage takes this object."""
 
-    def __init__(self, source: ArrayDataset | Dataset | DataLoader, spec: InputSpec) -> None:
+    def __init__(self, source: ArrayDataset | Dataset[Any] | DataLoader[Any], spec: InputSpec) -> None:
         self.source = source
         self.spec = spec
         self._fingerprint: str | None = None
@@ -155,7 +155,7 @@ class Split:
         """Samples (sequences) in the split."""
         target = self.source.dataset if isinstance(self.source, DataLoader) else self.source
         try:
-            return len(target)
+            return len(cast(Sized, target))  # a Dataset need not be Sized: the TypeError below
         except TypeError:
             raise TypeError(f"cannot tell how many samples {type(target).__name__} holds (it has no __len__); "
                             "pass a map-style Dataset or an ArrayDataset") from None
@@ -252,7 +252,7 @@ class Split:
                                      "would be invalid; clean or impute the data first")
 
 
-def _in_order(loader: DataLoader, dataset: Dataset) -> DataLoader:
+def _in_order(loader: DataLoader[Any], dataset: Dataset[Any]) -> DataLoader[Any]:
     """A loader over ``dataset`` in order, with ``loader``'s batch size, collate function and workers."""
     return DataLoader(dataset, batch_size=loader.batch_size, collate_fn=loader.collate_fn,
                       num_workers=loader.num_workers, pin_memory=loader.pin_memory, drop_last=loader.drop_last)
@@ -284,7 +284,8 @@ def _hash_tensor(digest: Any, t: Tensor) -> None:
     """Feed a tensor's dtype, shape and raw bytes into ``digest``."""
     t = t.detach().cpu().contiguous()
     digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
-    digest.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    # numpy's stubs give ndarray __buffer__ only for Python >= 3.12; it is a buffer on every version
+    digest.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))  # type: ignore[arg-type]
 
 
 def as_splits(splits: Mapping[str, Any], spec: InputSpec | None = None) -> dict[str, Split]:

@@ -15,8 +15,8 @@ gradients, modes, buffers or the global random generator.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, cast, overload
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +42,10 @@ class ProbeGroup(nn.Module):
     while learning, running statistics when evaluated. The normalisation is folded into the weights,
     so the only passes over the (L, B, D) features are the stack, the statistics and two matmuls.
     """
+
+    running_mean: torch.Tensor  # buffers (register_buffer), declared for the type checker
+    running_var: torch.Tensor
+    seen: torch.Tensor
 
     def __init__(self, names: list[str], width: int, num_classes: int, momentum: float = 0.1) -> None:
         super().__init__()
@@ -158,6 +162,10 @@ class OnlineProbes(nn.Module):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def _probe_groups(self) -> Iterator[ProbeGroup]:
+        """``self.groups``, typed: the ModuleList holds only ProbeGroups."""
+        return cast(Iterator[ProbeGroup], iter(self.groups))
+
     def _build(self, raw: Mapping[str, torch.Tensor]) -> None:
         """Choose reductions and create the probes on the first batch, when layer shapes are known."""
         self.shapes = {n: tuple(h.shape[1:]) for n, h in raw.items()}
@@ -171,7 +179,7 @@ class OnlineProbes(nn.Module):
         self.groups = nn.ModuleList(ProbeGroup(names, width, self.num_classes) for width, names in by_width.items())
         self.groups.to(device)
         self.optimizer = self._make_optimizer(
-            [{"params": [g.weight, g.bias], "names": list(g.names)} for g in self.groups])
+            [{"params": [g.weight, g.bias], "names": list(g.names)} for g in self._probe_groups()])
 
     def step(self, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         """One optimiser step of every probe on the features of the model's latest forward.
@@ -188,17 +196,18 @@ class OnlineProbes(nn.Module):
             self._build(feats)
             feats = {n: self.reductions[n](h) for n, h in feats.items()}
         y = self._labels(y, feats)
-        stacked = [g.stack(feats) for g in self.groups]
+        stacked = [g.stack(feats) for g in self._probe_groups()]
         if not _all_finite(stacked):  # one sum per group here; the per-layer screen only when it fails
             feats = self._screen(feats, f"training step {self.steps}")
-            stacked = [g.stack(feats) for g in self.groups]
-        logits, losses = zip(*(g.learn(h, y) for g, h in zip(self.groups, stacked)))
+            stacked = [g.stack(feats) for g in self._probe_groups()]
+        logits, losses = zip(*(g.learn(h, y) for g, h in zip(self._probe_groups(), stacked)))
         loss = sum(losses)
         distributed.average_replicas_(self.groups)  # DDP: every rank's probes take the same step
+        assert self.optimizer is not None  # built by _build on the first step
         self.optimizer.step()
         self.steps += 1
         logs = {}
-        for g, z in zip(self.groups, logits):
+        for g, z in zip(self._probe_groups(), logits):
             errors = (z.detach().argmax(-1) != y).float().mean(1).tolist()
             logs.update({f"probe/{n}/train_top1_error": e for n, e in zip(g.names, errors)})
         return loss.detach(), logs
@@ -209,7 +218,7 @@ class OnlineProbes(nn.Module):
         if self.optimizer is None:
             raise RuntimeError("the probes have not learned yet: call step(y) after a forward of the model first")
         sums: dict[str, torch.Tensor] = {}
-        labels = []
+        labels: list[torch.Tensor] = []
         with frozen(self.taps.model):
             self.taps.stop_early = True
             try:
@@ -223,7 +232,7 @@ class OnlineProbes(nn.Module):
                         feats = self._screen(feats, f"the {split} data, batch {len(labels)}")
                     y = self._labels(y, feats)
                     labels.append(y)
-                    for g in self.groups:
+                    for g in self._probe_groups():
                         _accumulate(sums, g.names, g(feats, learn=False), y)
             finally:
                 self.taps.stop_early = False
@@ -233,15 +242,15 @@ class OnlineProbes(nn.Module):
 
     def _labels(self, y: Any, feats: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """The batch's labels as class indices on the features' device, checked against the batch and classes."""
-        y = as_labels(y)
+        labels = as_labels(y)
         first = next(iter(feats.values()))
-        if len(y) != len(first):
-            raise ValueError(f"got {len(y)} labels for a batch of {len(first)} samples: pass the labels of the batch "
-                             "the model has just run on")
-        if len(y) and int(y.max()) >= self.num_classes:
-            raise ValueError(f"label {int(y.max())} is out of range for num_classes={self.num_classes}: labels must be "
-                             f"0..{self.num_classes - 1}; raise num_classes or remap the labels")
-        return y.to(first.device)
+        if len(labels) != len(first):
+            raise ValueError(f"got {len(labels)} labels for a batch of {len(first)} samples: pass the labels of the "
+                             "batch the model has just run on")
+        if len(labels) and int(labels.max()) >= self.num_classes:
+            raise ValueError(f"label {int(labels.max())} is out of range for num_classes={self.num_classes}: labels "
+                             f"must be 0..{self.num_classes - 1}; raise num_classes or remap the labels")
+        return labels.to(first.device)
 
     def _screen(self, feats: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
         """Zero the features of layers holding NaN/Inf and mark those layers invalid (first occurrence kept).
@@ -284,8 +293,14 @@ class GroupedAdam(torch.optim.Adam):
     the state and the updates are the same as ``torch.optim.Adam``'s.
     """
 
+    @overload
+    def step(self, closure: None = None) -> None: ...
+
+    @overload
+    def step(self, closure: Callable[[], float]) -> float: ...
+
     @torch.no_grad()
-    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # torch.optim.Optimizer's signature
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -294,12 +309,15 @@ class GroupedAdam(torch.optim.Adam):
         for group in self.param_groups:
             key = tuple((k, v) for k, v in group.items() if k not in ("params", "names"))
             lists = buckets.setdefault(key, (group, [[] for _ in range(6)]))[1]
-            self._init_group(group, *lists)
+            # torch's Adam._init_group has no annotations (reached through self, so untyped_calls_exclude misses it)
+            self._init_group(group, *lists)  # type: ignore[no-untyped-call]
         for group, lists in buckets.values():
             extra = {k: group[k] for k in ("decoupled_weight_decay",) if k in group}  # newer torch only
-            adam(*lists, foreach=group["foreach"], fused=group["fused"], amsgrad=group["amsgrad"],
-                 beta1=group["betas"][0], beta2=group["betas"][1], lr=group["lr"], weight_decay=group["weight_decay"],
-                 eps=group["eps"], maximize=group["maximize"], **extra)
+            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps = lists
+            adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, foreach=group["foreach"],
+                 fused=group["fused"], amsgrad=group["amsgrad"], beta1=group["betas"][0], beta2=group["betas"][1],
+                 lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"],
+                 **extra)
         return loss
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import torch
 from torch import nn
@@ -72,7 +72,7 @@ def _tf_tutorial_init(module: nn.Module, g: torch.Generator) -> bool:
     if not isinstance(module, (nn.Linear, nn.Conv2d)):
         return False
     nn.init.trunc_normal_(module.weight, std=0.1, a=-0.2, b=0.2, generator=g)
-    nn.init.constant_(module.bias, 0.1)
+    nn.init.constant_(cast(torch.Tensor, module.bias), 0.1)  # the tutorial's layers all have biases
     return True
 
 
@@ -104,7 +104,8 @@ class _WithAuxLogits(nn.Module):
 
     def __getstate__(self) -> dict[str, object]:
         """Drop the stored logits (non-leaf tensors) so ``copy.deepcopy`` and pickling work."""
-        return {**super().__getstate__(), "aux_logits": {}}
+        # torch's nn.Module.__getstate__ has no annotations (through super(), untyped_calls_exclude misses it)
+        return {**super().__getstate__(), "aux_logits": {}}  # type: ignore[no-untyped-call]
 
 
 # ----------------------------------------------------------------------------------------- MLPs
@@ -136,7 +137,8 @@ class MLP(_WithAuxLogits):
         for k, name in enumerate(self.layer_names, 1):
             fan_in = in_features if k == 1 else width + (in_features if k == skip_to else 0)
             self.add_module(name, nn.Sequential(nn.Linear(fan_in, width), nn.LeakyReLU(0.5)))
-        self.aux_heads = nn.ModuleDict({f"layer{k}": nn.Linear(width, num_classes) for k in aux_layers})
+        # aux heads need num_classes (with None, nn.Linear raises as before)
+        self.aux_heads = nn.ModuleDict({f"layer{k}": nn.Linear(width, cast(int, num_classes)) for k in aux_layers})
         self.classifier = nn.Linear(width, num_classes) if num_classes is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -224,7 +226,7 @@ def mnist_convnet(*, seed: Seed = 0) -> nn.Sequential:
         )
 
     model = _build(factory, seed, _tf_tutorial_init)
-    nn.init.zeros_(model.conv1_preact.bias)
+    nn.init.zeros_(model.get_parameter("conv1_preact.bias"))
     return model
 
 
@@ -270,7 +272,8 @@ class Bottleneck(nn.Module):
         self.relu = nn.ReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.relu(self.shortcut(x) + self.residual(x))
+        out: torch.Tensor = self.relu(self.shortcut(x) + self.residual(x))
+        return out
 
 
 def small_resnet(
@@ -326,7 +329,7 @@ class Mixed(nn.Module):
         )
         # 1x1 conv then 3x3 average pool: equal to pool-then-project (both linear), but pools fewer channels.
         proj = _conv_bn(c_in, c_pool, 1)
-        self.branch_pool = nn.Sequential(proj[0], nn.AvgPool2d(3, stride=1, padding=1), *proj[1:])
+        self.branch_pool = nn.Sequential(proj[0], nn.AvgPool2d(3, stride=1, padding=1), *cast(nn.Sequential, proj[1:]))
         self.out_channels = c1 + c3[1] + c5[1] + c_pool
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

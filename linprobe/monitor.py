@@ -26,7 +26,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
 from torch import nn
@@ -42,6 +42,18 @@ from linprobe.taps import LayerSpec
 
 ONLINE = "online_"  # prefix of the online probes' metric names in a monitor's table
 MeasureCallback = Callable[[ProbeResult, int], None]
+
+
+class _ExactOptions(TypedDict):
+    """The options a monitor passes on to ``probe`` for its exact snapshots."""
+
+    reduce: ReduceSpec
+    feature_budget: int
+    seed: int
+    batch_size: int
+    l2_path: tuple[float, ...]
+    max_iter: int
+    patience: int | None
 
 
 def online_metric(metric: str) -> str:
@@ -73,8 +85,9 @@ class Monitor:
         self.model, self.every, self.learn_every = model, every, learn_every
         self.online = OnlineProbes(model, layers, num_classes=num_classes, lr=lr, reduce=reduce,
                                    feature_budget=feature_budget, seed=seed)
-        self._exact_options = dict(reduce=reduce, feature_budget=feature_budget, seed=seed, batch_size=batch_size,
-                                   l2_path=l2_path, max_iter=max_iter, patience=patience)
+        self._exact_options = _ExactOptions(reduce=reduce, feature_budget=feature_budget, seed=seed,
+                                            batch_size=batch_size, l2_path=l2_path, max_iter=max_iter,
+                                            patience=patience)
         self.batch_size = batch_size
         self.on_measure = on_measure
         self.result = ProbeResult([], meta={"every": every, "exact": exact is not None})
@@ -115,7 +128,7 @@ class Monitor:
         if self.exact is not None:
             snapshot = probe(self.model, self.exact, self.valid, layers=self.online.taps.order, step=step,
                              warm_start=self.probes, progress=False, plot=False, **self._exact_options)
-            self.probes = snapshot.probes  # type: ignore[attr-defined]
+            self.probes = snapshot.probes  # type: ignore[attr-defined]  # finished.probe attaches its bank
             parts.append(snapshot)
         self.seconds["online"] += middle - start
         self.seconds["exact"] += time.perf_counter() - middle

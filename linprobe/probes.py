@@ -10,7 +10,7 @@ import io
 import json
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -18,13 +18,16 @@ from torch import nn
 from linprobe.atomic import atomic_write_bytes, atomic_write_text
 from linprobe.reduce import Reduction, Standardizer, reduction_from_dict
 from linprobe.results import MAIN
-from linprobe.solvers import DEFAULT_L2_PATH, FitSettings, LinearWeights, PathResult, fit_paths
+from linprobe.solvers import DEFAULT_L2_PATH, FitSettings, FittedPath, LinearWeights, PathResult, fit_paths
 
 
 class LinearProbe(nn.Module):
     """A linear map on one layer's (reduced, standardised) features: a multinomial logistic regression
     (``kind="classes"``, outputs are logits) or a ridge regression (``kind="values"``, outputs are predictions),
     fitted for the label set ``task``."""
+
+    mean: torch.Tensor  # buffers (register_buffer), declared for the type checker
+    std: torch.Tensor
 
     def __init__(self, layer: str, reduction: Reduction, in_features: int, num_classes: int, *,
                  kind: str = "classes", task: str = MAIN) -> None:
@@ -73,7 +76,7 @@ class LinearProbe(nn.Module):
         return path
 
     @torch.no_grad()
-    def adopt(self, path: PathResult, standardizer: Standardizer) -> None:
+    def adopt(self, path: FittedPath, standardizer: Standardizer) -> None:
         """Take the chosen probe of a fitted path, whose features were standardised with ``standardizer``."""
         self.mean.copy_(standardizer.mean), self.std.copy_(standardizer.std)
         self.weight.copy_(path.best.weights.W), self.bias.copy_(path.best.weights.b)
@@ -107,32 +110,32 @@ class ProbeBank(nn.Module):
         return len(self.probes)
 
     def __iter__(self) -> Iterator[LinearProbe]:
-        return iter(self.probes)
+        return cast(Iterator[LinearProbe], iter(self.probes))  # the ModuleList holds only LinearProbes
 
     def __getitem__(self, key: int | str) -> LinearProbe:
         if isinstance(key, int):
-            return self.probes[key]
-        for p in self.probes:
+            return cast(LinearProbe, self.probes[key])
+        for p in self:
             if p.layer == key:
                 return p
         raise KeyError(f"no probe on layer {key!r}; probed layers: {self.layers}")
 
     @property
     def layers(self) -> list[str]:
-        return [p.layer for p in self.probes]
+        return [p.layer for p in self]
 
     def append(self, probe: LinearProbe) -> None:
         self.probes.append(probe)
 
     def forward(self, features: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Logits of every probe from a ``Taps.features``-like mapping of raw layer outputs."""
-        return {p.layer: p(features[p.layer]) for p in self.probes}
+        return {p.layer: p(features[p.layer]) for p in self}
 
     def save(self, folder: str | Path) -> Path:
         """Write ``config.json`` and ``params.pt`` (atomically) into ``folder``."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(folder / "config.json", json.dumps([p.config() for p in self.probes], indent=1))
+        atomic_write_text(folder / "config.json", json.dumps([p.config() for p in self], indent=1))
         buf = io.BytesIO()
         torch.save(self.state_dict(), buf)
         atomic_write_bytes(folder / "params.pt", buf.getvalue())

@@ -261,7 +261,7 @@ def resolve_reductions(spec: ReduceSpec, shapes: Mapping[str, Sequence[int]], *,
         if unknown:
             raise ValueError(f"reduce names layers that are not probed: {sorted(unknown)}; probed: {list(shapes)}")
     per_layer = spec if isinstance(spec, Mapping) else dict.fromkeys(shapes, spec)
-    out = {}
+    out: dict[str, Reduction] = {}
     for name, shape in shapes.items():
         wanted = per_layer.get(name, "auto")
         if not isinstance(spec, Mapping) and len(shape) == 1 and str(wanted).startswith("pool"):
@@ -292,19 +292,21 @@ class Standardizer:
     @classmethod
     def fit(cls, chunks: Iterable[np.ndarray | torch.Tensor]) -> Standardizer:
         """Streamed mean and standard deviation in float64 (Chan's pairwise update), chunk by chunk."""
-        n, mean, m2 = 0, None, None
+        n = 0
+        mean: torch.Tensor | None = None
+        m2: torch.Tensor | None = None
         for chunk in chunks:
             x = torch.as_tensor(np.array(chunk, dtype=np.float64))
             k, mu = x.shape[0], x.mean(0)
             c2 = ((x - mu) ** 2).sum(0)
-            if mean is None:
+            if mean is None or m2 is None:  # both None before the first chunk
                 n, mean, m2 = k, mu, c2
                 continue
             delta = mu - mean
             mean = mean + delta * k / (n + k)
             m2 = m2 + c2 + delta**2 * n * k / (n + k)
             n += k
-        if mean is None:
+        if mean is None or m2 is None:
             raise ValueError("cannot standardise an empty training split")
         return cls.from_moments(n, mean, m2)
 

@@ -138,7 +138,8 @@ class ProbeResult:
         if key not in self.predictions:
             raise KeyError(f"no predictions of layer {layer!r} on {split!r} at step {step} (task {task!r}); "
                            f"this result holds {len(self.predictions)} prediction arrays")
-        return self.predictions[key] == self.predictions[f"{step}/{task}/{split}/:targets"]
+        correct: np.ndarray = self.predictions[key] == self.predictions[f"{step}/{task}/{split}/:targets"]
+        return correct
 
     def errors(self, split: str = "test", metric: str = "top1_error", step: int | None = None, *,
                task: str = MAIN) -> dict[str, float]:
@@ -213,7 +214,8 @@ class ProbeResult:
         atomic_write_text(folder / "results.json", json.dumps(self.to_dict(), indent=1))
         if self.predictions:
             buf = io.BytesIO()
-            np.savez_compressed(buf, **self.predictions)
+            # mypy matches the ** keys against savez_compressed's allow_pickle: bool; they are array names
+            np.savez_compressed(buf, **self.predictions)  # type: ignore[arg-type]
             atomic_write_bytes(folder / PREDICTIONS, buf.getvalue())
         return folder
 

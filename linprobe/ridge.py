@@ -346,7 +346,8 @@ class _CG:
     def _target(self, W: Tensor, l2: float, tol: float) -> Tensor:
         """The gradient norm each output stops at: ``tol * l2 * ||W||``, which bounds the error of ``W`` by
         ``tol * ||W||`` (``C + l2 I >= l2 I``); with ``l2 = 0``, ``tol * ||Xc^T yc / N||``."""
-        return tol * (l2 * W.norm(dim=0) if l2 > 0 else self.rhs.norm(dim=0))
+        target: Tensor = tol * (l2 * W.norm(dim=0) if l2 > 0 else self.rhs.norm(dim=0))
+        return target
 
     def solve(self, l2: float, tol: float, max_iter: int) -> tuple[float, int, bool]:
         """Fit at ``l2`` from the current ``W``; returns the train loss, the products used and convergence."""
@@ -389,7 +390,8 @@ def _method(n: int, d: int, sharded: bool) -> str:
 
 def _choose(points: list[RidgePoint], patience: int | None) -> tuple[list[RidgePoint], int]:
     """The points up to the early stop and the index of the chosen one (lowest valid MSE, ties: larger l2)."""
-    rises, kept = 0, []
+    rises = 0
+    kept: list[RidgePoint] = []
     for point in points:
         rises = rises + 1 if kept and point.valid_mse > kept[-1].valid_mse else 0
         kept.append(point)

@@ -37,7 +37,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import NamedTuple, Protocol, cast
 
 import torch
 from torch import Tensor
@@ -157,6 +157,16 @@ class PathResult:
         return self.best.l2
 
 
+class FittedPath(Protocol):
+    """What a probe adopts from a fitted L2 path: a :class:`PathResult` or a ``ridge.RidgePath``."""
+
+    @property
+    def best(self) -> FitResult: ...
+
+    @property
+    def best_l2(self) -> float: ...
+
+
 def row_space_worthwhile(n: int, d: int) -> bool:
     """Wider than the sample count (D > N): the N x N Gram matrix and its eigendecomposition cost less than the
     covariance's, and every pass reads N x N instead of N x D."""
@@ -238,7 +248,8 @@ class _Problems:
         probe; its columns are centred and uncorrelated (diagonal preconditioner)."""
         n = xs[0].shape[0]
         stacked = scratch((len(xs), n, n))
-        lifts, lams, scales = [], [], []
+        lifts: list[_Lift | None] = []
+        lams, scales = [], []
         for z, x in zip(stacked, xs):
             total, gram, sq = _moments(x, False, rows_gram=True)
             mu = total / n
@@ -299,7 +310,8 @@ class _Problems:
                 span = W.new_zeros(hi - lo, *W.shape[1:])
                 cspan = bias.new_zeros(hi - lo, bias.shape[1])
                 span[at], cspan[at] = W[j:k + 1], bias[j:k + 1]
-                parts.append(tuple(t[at] for t in _data_terms(self.stacked[lo:hi], self.y, span, cspan, self.n)))
+                parts.append(cast("tuple[Tensor, Tensor, Tensor]",  # the three terms, each cut to ``at``
+                                  tuple(t[at] for t in _data_terms(self.stacked[lo:hi], self.y, span, cspan, self.n))))
             j = k + 1
         return tuple(torch.cat(t) for t in zip(*parts))  # type: ignore[return-value]
 
@@ -469,14 +481,14 @@ def fit_paths(train: Sequence[Tensor] | Tensor, y_train: Tensor, valid: Sequence
     rows = distributed.total(len(y_train), xs[0].device) if sharded else len(y_train)
     keys = [group_key(rows, x.shape[1]) for x in xs]
     if len(set(keys)) > 1:  # one batch per width
-        found: dict[int, PathResult] = {}
+        by_problem: dict[int, PathResult] = {}
         for key in dict.fromkeys(keys):
             part = [p for p, k in enumerate(keys) if k == key]
             inits_ = [inits[p] for p in part] if inits is not None else None
             fits = fit_paths([xs[p] for p in part], y_train, [valid[p] for p in part], y_valid, num_classes, settings,
                              inits=inits_, sharded=sharded, scratch=scratch, on_fit=on_fit)
-            found.update(zip(part, fits))
-        return [found[p] for p in range(len(xs))]
+            by_problem.update(zip(part, fits))
+        return [by_problem[p] for p in range(len(xs))]
     for x, v in zip(xs, valid):
         if x.dim() != 2 or x.shape[0] != y_train.shape[0] or v.dim() != 2 or v.shape[1] != x.shape[1]:
             raise ValueError(f"expected X (N, D) with y (N,) and valid (M, D), got {tuple(x.shape)}, "

@@ -146,7 +146,8 @@ def import_factory(spec: str) -> Callable[[], Any]:
     if not module_name or not attr:
         raise ValueError(f"--model must look like package.module:function, got {spec!r}")
     try:
-        return getattr(importlib.import_module(module_name), attr)
+        factory: Callable[[], Any] = getattr(importlib.import_module(module_name), attr)
+        return factory
     except (ImportError, AttributeError) as e:
         raise ValueError(f"cannot load model factory {spec!r}: {e}") from e
 
@@ -226,6 +227,7 @@ def _model_loader(model: ModelSource, device: str | torch.device | None = None,
     """A name for the settings and a function giving the model with one checkpoint loaded: the model is built
     once and each checkpoint loaded into it (strictly, so nothing of the previous one is left), on ``device``
     when one is given."""
+    build: Callable[[], nn.Module]
     if isinstance(model, nn.Module):
         name, build = type(model).__qualname__, lambda: model
     else:
@@ -269,7 +271,7 @@ def sweep(model: ModelSource, checkpoints: str | Path | Sequence[tuple[int, str 
     done = {step for step, path in found if _is_done(out, step, path)}
     distributed.barrier()  # every rank has decided what is done before rank 0 records anything
     todo = [(step, path) for step, path in found if step not in done]
-    alone = contextlib.nullcontext()
+    alone: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
     if options.get("distribute") == "checkpoints":  # each rank probes its own contiguous share, alone
         share = distributed.shard_range(len(todo), distributed.rank(), distributed.world_size())
         todo, alone, options = todo[share.start:share.stop], distributed.local(), {**options, "distribute": "rows"}
@@ -327,7 +329,8 @@ def _settings(model: str, splits: Mapping[str, Split], options: Mapping[str, Any
     targets = resolve(options.get("tasks"), splits, options.get("batch_size", 256))
     settings = {"model": model, "data": {k: v.fingerprint() for k, v in splits.items()},
                 "targets": targets_fingerprint(targets), **chosen}
-    return json.loads(json.dumps(settings, default=lambda v: getattr(v, "__qualname__", str(v))))
+    plain: dict[str, Any] = json.loads(json.dumps(settings, default=lambda v: getattr(v, "__qualname__", str(v))))
+    return plain
 
 
 def _claim(out: Path, settings: dict[str, Any]) -> None:

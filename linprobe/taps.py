@@ -17,7 +17,7 @@ import difflib
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from torch import nn
@@ -246,7 +246,7 @@ def default_select(output: Any) -> torch.Tensor | None:
         return output
     if isinstance(output, Mapping):
         if isinstance(output.get("last_hidden_state"), torch.Tensor):
-            return output["last_hidden_state"]
+            return cast(torch.Tensor, output["last_hidden_state"])
         output = list(output.values())
     if isinstance(output, (tuple, list)):
         return next((o for o in output if isinstance(o, torch.Tensor)), None)
@@ -512,7 +512,7 @@ class Taps:
         for r in self._records:
             by_key.setdefault(r.key, []).append(r)
         plan = Plan([])
-        seen: dict[tuple[Any, ...], str] = {}
+        seen: dict[tuple[Any, ...] | None, str] = {}
         position = {id(r): i for i, r in enumerate(self._records)}  # when each call's output was produced
         order: dict[str, int] = {}
         for key, records in by_key.items():
@@ -528,7 +528,8 @@ class Taps:
                         plan.skipped[name] = reason
                         continue
                     seen.setdefault(same, name)
-                    if record.original is not None and record.original._version != record.identity[-1]:
+                    if record.original is not None and record.identity is not None \
+                            and record.original._version != record.identity[-1]:
                         plan.mutable.add(name)
                     plan.captures.append(Capture(name, key, calls, record.layout))
                     order[name] = min(position[id(r)] for r in records if r.call in calls)
@@ -569,7 +570,7 @@ class Taps:
         empty = next((r for r in records if r.tensor is None), None)
         if empty is not None:
             return [(target.name, calls, empty)]
-        joined = _joined([self._tokens(r.tensor, r.layout) for r in records])
+        joined = _joined([self._tokens(cast(torch.Tensor, r.tensor), r.layout) for r in records])  # none empty
         return [(target.name, calls, _Record(target.key, 0, joined, None, _identity(joined), "tokens"))]
 
     def _unfit(self, record: _Record, batch: Batch, explicit: bool) -> str | None:
@@ -598,7 +599,8 @@ class Taps:
         index = {(*r.key, r.call): r for r in self._records}
         out: dict[str, torch.Tensor] = {}
         for c in self.plan.captures:
-            out[c.name] = _joined([self._finish(c, self._tokens(index[(*c.key, k)].tensor, c.layout))
+            out[c.name] = _joined([self._finish(c, self._tokens(cast(torch.Tensor, index[(*c.key, k)].tensor),
+                                                                c.layout))  # planned captures hold a tensor
                                    for k in c.calls])
         return out
 
@@ -606,6 +608,7 @@ class Taps:
 
     def _selected(self, name: str, output: Any) -> torch.Tensor:
         """The detached tensor a tap keeps from one output; a clear error when there is none."""
+        h: torch.Tensor | None
         if self.select is None and type(output) is torch.Tensor:  # the common case, on every hook: no lookups
             h = output
         else:
@@ -625,8 +628,10 @@ class Taps:
         mask = self._batch.mask if self._batch is not None else None
         if mask is not None and h.dim() == 3:
             width = h.unbind()[0].shape[-1]
-            return torch.nested.to_padded_tensor(h, 0.0, output_size=(h.size(0), mask.shape[1], width))
-        return torch.nested.to_padded_tensor(h, 0.0)
+            padded: torch.Tensor = torch.nested.to_padded_tensor(h, 0.0, output_size=(h.size(0), mask.shape[1], width))
+            return padded
+        padded = torch.nested.to_padded_tensor(h, 0.0)
+        return padded
 
     def _tokens(self, h: torch.Tensor, layout: str) -> torch.Tensor:
         """Token-level rows (labelled tokens) or a token reduction, for a (B, T, ...) output in tokens layout."""
@@ -634,7 +639,7 @@ class Taps:
         if batch is None or layout != "tokens" or h.dim() < 3:
             return h
         if batch.token_level:
-            index = batch.token_index
+            index = cast(torch.Tensor, batch.token_index)  # set for token-level labels
             return h[index.to(h.device)] if h.shape[:2] == index.shape else h
         mask = batch.mask if batch.mask is not None and h.dim() == 3 and h.shape[1] == batch.mask.shape[1] else None
         return reduce_tokens(h, self.tokens, mask)
