@@ -125,7 +125,7 @@ def sample_labels(y: Any) -> Tensor:
     return as_labels(flat.masked_fill(flat == IGNORE, 0)).view(t.shape).masked_fill(t == IGNORE, IGNORE)
 
 
-class ArrayDataset(Dataset):
+class ArrayDataset(Dataset[tuple[Any, Tensor]]):
     """In-memory (x, y) pairs: x a tensor (N, ...) of any dtype, or a tuple / dict of them (model(*x), model(**x));
     y int64 labels (N,), or per token (N, T) with -100 where a token has no label."""
 
@@ -214,7 +214,7 @@ def load_idx(root: str | Path) -> dict[str, ArrayDataset]:
             have, miss = (names[0], names[1]) if paths[1] is None else (names[1], names[0])
             raise FileNotFoundError(f"{root} has {have} but not {miss} (or {miss}.gz); "
                                     "add the missing file or remove the other")
-        images, labels = (_read_idx(p) for p in paths)
+        images, labels = (_read_idx(p) for p in paths if p is not None)  # a None was refused above
         if images.dtype != np.uint8 or images.ndim != 3:
             raise ValueError(f"{paths[0]} holds {images.dtype} data of shape {images.shape}; "
                              "expected unsigned-byte images (N, H, W)")

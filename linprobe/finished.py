@@ -13,10 +13,10 @@ import os
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -41,7 +41,7 @@ from linprobe.reduce import (
 )
 from linprobe.results import MAIN, LayerInfo, ProbeResult
 from linprobe.ridge import fit_ridge_paths
-from linprobe.solvers import DEFAULT_L2_PATH, FitSettings, fit_paths, group_key
+from linprobe.solvers import DEFAULT_L2_PATH, FitSettings, FittedPath, fit_paths, group_key
 from linprobe.taps import LayerSpec, Plan, RepeatPolicy, Selector, Taps, TokenReduction, frozen
 from linprobe.tasks import Targets, TaskSpec, baselines, describe_spec, resolve
 from linprobe.uncertainty import differs_beyond_noise
@@ -167,7 +167,7 @@ def probe(model: nn.Module, train: Any, valid: Any, test: Any = None, *, layers:
     was_training = any(m.training for m in model.modules())
     with ExitStack() as stack:
         root = Path(cache_dir) if cache_dir is not None else _temporary_root(stack)
-        taps = stack.enter_context(Taps(model, layers, select=select, tokens=tokens, repeat=repeat))  # type: ignore[arg-type]
+        taps = stack.enter_context(Taps(model, layers, select=select, tokens=tokens, repeat=repeat))
         key = cache_key(model, taps.names, reduce, budget=feature_budget, seed=seed, dtype=dtype,
                         tokens=tokens, select=select_key, repeat=repeat, inputs=repr(spec))
         cache = stack.enter_context(FeatureCache(root / "features" / key, key).locked_by_job())
@@ -237,7 +237,7 @@ def _note_overfitting(result: ProbeResult) -> None:
 def _temporary_root(stack: ExitStack) -> Path:
     """A temporary cache folder made by rank 0 and removed when it is done; every rank gets its path."""
     made = stack.enter_context(tempfile.TemporaryDirectory()) if distributed.rank() == 0 else None
-    return Path(distributed.broadcast_object(made))
+    return Path(cast(str, distributed.broadcast_object(made)))  # rank 0's folder, on every rank
 
 
 def _check_inputs(splits: Mapping[str, Split], dtype: str) -> None:
@@ -365,6 +365,7 @@ def _fit_all(cache: FeatureCache, tasks: list[Targets], has_test: bool, fit: Fit
         raws = [cache.features("train", name, rows=rows["train"]) for name in batch]
         stds = [_standardizer(raw, sharded, standardize) for raw in raws]
         start = time.perf_counter()
+        x_train: torch.Tensor | list[torch.Tensor]
         if len({raw.shape[1] for raw in raws}) == 1:  # one (P, N, D) tensor: batched products
             x_train = _scratch((len(batch), *raws[0].shape), device, cache.root)
             for x, raw, std in zip(x_train, raws, stds):
@@ -381,7 +382,7 @@ def _fit_all(cache: FeatureCache, tasks: list[Targets], has_test: bool, fit: Fit
                       for name in batch]
             if task.kind == "classes":
                 inits = [_earlier(warm_start, p) if task.name == MAIN else None for p in probes]
-                paths = fit_paths(x_train, y["train"], x_valid, y["valid"], task.outputs, fit,
+                paths: Sequence[FittedPath] = fit_paths(x_train, y["train"], x_valid, y["valid"], task.outputs, fit,
                                   inits=[p.weights() if p is not None else None for p in inits], sharded=sharded,
                                   scratch=lambda shape: _scratch(shape, device, cache.root), on_fit=bar.update)
             else:
@@ -454,8 +455,8 @@ def _standardizer(raw: np.ndarray, sharded: bool, standardize: bool) -> Standard
     def chunks() -> Iterator[torch.Tensor]:
         return (torch.from_numpy(np.array(block, dtype=np.float64)) for _, block in _blocks(raw))
 
-    mean = distributed.all_reduce_sum(sum(c.sum(0) for c in chunks())) / n
-    m2 = distributed.all_reduce_sum(sum(((c - mean) ** 2).sum(0) for c in chunks()))
+    mean = distributed.all_reduce_sum(cast(torch.Tensor, sum(c.sum(0) for c in chunks()))) / n
+    m2 = distributed.all_reduce_sum(cast(torch.Tensor, sum(((c - mean) ** 2).sum(0) for c in chunks())))
     return Standardizer.from_moments(n, mean, m2)
 
 
@@ -482,7 +483,7 @@ def _assemble(cache: FeatureCache, fitted: Mapping[str, Mapping[str, tuple[Linea
         info.l2 = fitted[MAIN][name][0].l2
         for task in tasks:
             probe, evaluations = fitted[task.name][name]
-            result.add(step, name, "valid", {"l2": probe.l2}, task=task.name)
+            result.add(step, name, "valid", {"l2": cast(float, probe.l2)}, task=task.name)
             for split in ("train", "valid"):
                 result.add(step, name, split, evaluations[split].metrics, task=task.name,
                            intervals=evaluations[split].intervals)
@@ -495,14 +496,14 @@ def _assemble(cache: FeatureCache, fitted: Mapping[str, Mapping[str, tuple[Linea
                            intervals=evaluations["test"].intervals)
     for task in tasks:
         for probe in banks[task.name]:
-            for split, found in fitted[task.name][probe.layer][1].items():
-                result.predictions[f"{step}/{task.name}/{split}/{probe.layer}"] = _compact(found.predictions)
+            for split, evaluation in fitted[task.name][probe.layer][1].items():
+                result.predictions[f"{step}/{task.name}/{split}/{probe.layer}"] = _compact(evaluation.predictions)
                 result.predictions.setdefault(f"{step}/{task.name}/{split}/:targets", _compact(task.splits[split]))
     for baseline, of in baselines(tasks).items():
         for probe in banks[baseline]:
-            for split, found in fitted[baseline][probe.layer][1].items():
+            for split, evaluation in fitted[baseline][probe.layer][1].items():
                 other = fitted[of][probe.layer][1][split]
-                result.add(step, probe.layer, split, {"selectivity": found.metrics["top1_error"]
+                result.add(step, probe.layer, split, {"selectivity": evaluation.metrics["top1_error"]
                                                       - other.metrics["top1_error"]}, task=baseline)
     unfinished = {(p.layer if task == MAIN else f"{task}:{p.layer}"): f"l2={p.l2:g}: stopped after {p.iterations} "
                   "iterations" for task, bank in banks.items() for p in bank if p.converged is False}

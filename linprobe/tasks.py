@@ -341,7 +341,8 @@ def targets_fingerprint(tasks: list[Targets]) -> str:
         digest.update(json.dumps([t.name, t.kind, t.classes, t.baseline_of]).encode())
         for split, y in sorted(t.splits.items()):
             digest.update(f"{split}{y.dtype}{tuple(y.shape)}".encode())
-            digest.update(memoryview(y.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
+            data = y.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+            digest.update(memoryview(data))  # type: ignore[arg-type]  # numpy's stubs: a buffer only on 3.12+
     return digest.hexdigest()[:16]
 
 
