@@ -24,6 +24,7 @@ EXPERIMENTS: dict[str, str] = {
     "resnet": "linprobe.experiments.resnet",
     "inception": "linprobe.experiments.inception",
     "diagram": "linprobe.experiments.diagram",
+    "reductions": "linprobe.experiments.reductions",
 }
 
 
