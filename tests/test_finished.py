@@ -106,7 +106,8 @@ def test_test_labels_do_not_influence_selection(monkeypatch, digits_splits):
     events = []
     real_evaluate, real_fit = finished.evaluate, finished.fit_paths
     assert len(test) not in (len(train), len(valid))  # an evaluation on test is told by its length
-    monkeypatch.setattr(finished, "evaluate", lambda task, out, y: events.append(len(y)) or real_evaluate(task, out, y))
+    monkeypatch.setattr(finished, "evaluate",
+                        lambda task, out, y, **k: events.append(len(y)) or real_evaluate(task, out, y, **k))
     monkeypatch.setattr(finished, "fit_paths", lambda *a, **k: events.append("fit") or real_fit(*a, **k))
     a = lp.probe(nn.Flatten(), train, valid, test, layers="all", progress=False)
     assert events.index(len(test)) > max(i for i, e in enumerate(events) if e == "fit")
