@@ -16,7 +16,7 @@ import numpy as np
 import linprobe as lp
 from benchmarks.fixtures import Case, convnet, fashion, mlp
 from benchmarks.timing import Row, seconds
-from linprobe.cache import FeatureCache
+from linprobe.capture.cache import FeatureCache
 
 TARGET = 50.0
 

@@ -16,8 +16,8 @@ from torch import nn
 import linprobe as lp
 from benchmarks.finished_model import PATIENCE, sklearn_path
 from benchmarks.timing import Row, seconds
-from linprobe.data import stratified_split
-from linprobe.solvers import DEFAULT_L2_PATH
+from linprobe.data.datasets import stratified_split
+from linprobe.fit.solvers import DEFAULT_L2_PATH
 
 
 def splits(train: int, valid: int, test: int) -> dict[str, lp.ArrayDataset]:

@@ -25,9 +25,9 @@ from torch import nn
 import linprobe as lp
 from benchmarks.fixtures import Case, convnet, fashion, mlp
 from benchmarks.timing import Row, seconds
-from linprobe.inputs import Split
-from linprobe.reduce import Standardizer, resolve_reductions
-from linprobe.solvers import DEFAULT_L2_PATH, sklearn_C
+from linprobe.capture.reduce import Standardizer, resolve_reductions
+from linprobe.data.inputs import Split
+from linprobe.fit.solvers import DEFAULT_L2_PATH, sklearn_C
 
 TOL, PATIENCE = 1e-5, 2
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import linprobe as lp
-from linprobe.data import stratified_split
+from linprobe.data.datasets import stratified_split
 from linprobe.models import MNIST_CONVNET_PROBES, deep_mlp, mnist_convnet
 
 

@@ -75,7 +75,7 @@ def with_taps(case: Case, counts: list[int]) -> list[Row]:
 
 def with_checkpoints(case: Case, count: int) -> list[Row]:
     """Sweep ``count`` checkpoints (10 training steps apart) one at a time into one folder: cumulative times."""
-    from linprobe.sweeps import sweep
+    from linprobe.training.sweeps import sweep
 
     with tempfile.TemporaryDirectory() as tmp:
         files = []

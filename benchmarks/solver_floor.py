@@ -17,8 +17,8 @@ from sklearn.linear_model import LogisticRegression
 import linprobe as lp
 from benchmarks.fixtures import Case, convnet, fashion
 from benchmarks.timing import Row, seconds
-from linprobe.reduce import Standardizer
-from linprobe.solvers import fit_l2_path, fit_logistic, sklearn_C
+from linprobe.capture.reduce import Standardizer
+from linprobe.fit.solvers import fit_l2_path, fit_logistic, sklearn_C
 
 L2, TOL = 1e-3, 1e-5
 

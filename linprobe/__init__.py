@@ -13,25 +13,25 @@ The public API::
     paired_difference(correct_a, correct_b)                do two probes differ beyond noise on the same samples?
 """
 from linprobe import models
-from linprobe.data import ArrayDataset, load_dataset, standard_splits
-from linprobe.diagnose import describe, diagnose
+from linprobe.capture.reduce import Flatten, Pool, Project, Subset
+from linprobe.capture.taps import INPUT, LayerSelectionError, Taps, layer_names, residual_stream
+from linprobe.data.datasets import ArrayDataset, group_split, load_dataset, standard_splits, stratified_split
+from linprobe.data.inputs import InputSpec, Split
 from linprobe.features import probe_features
 from linprobe.finished import probe
-from linprobe.inputs import InputSpec, Split
-from linprobe.live import OnlineProbes
-from linprobe.monitor import Monitor, online_exact_gap
-from linprobe.probes import LinearProbe, ProbeBank
-from linprobe.reduce import Flatten, Pool, Project, Subset
-from linprobe.results import ProbeResult
-from linprobe.sweeps import find_checkpoints, sweep
-from linprobe.tasks import control_task, labels, shuffled_labels, values
-from linprobe.uncertainty import paired_difference
-from linprobe.taps import INPUT, LayerSelectionError, Taps, layer_names, residual_stream
-from linprobe.timeline import save_timeline
+from linprobe.fit.probes import LinearProbe, ProbeBank
+from linprobe.fit.tasks import control_task, labels, shuffled_labels, values
+from linprobe.fit.uncertainty import paired_difference
+from linprobe.report.diagnose import describe, diagnose
+from linprobe.report.results import ProbeResult
+from linprobe.report.timeline import save_timeline
+from linprobe.training.live import OnlineProbes
+from linprobe.training.monitor import Monitor, online_exact_gap
+from linprobe.training.sweeps import find_checkpoints, sweep
 
 __version__ = "0.1.0"
 __all__ = ["ArrayDataset", "Flatten", "INPUT", "InputSpec", "LayerSelectionError", "LinearProbe", "Monitor",
            "OnlineProbes", "Pool", "control_task", "labels", "paired_difference", "shuffled_labels", "values", "ProbeBank", "ProbeResult", "Project", "Subset", "Taps", "describe", "diagnose",
            "find_checkpoints", "layer_names",
            "load_dataset", "models", "online_exact_gap", "probe", "probe_features", "residual_stream", "save_timeline",
-           "Split", "standard_splits", "sweep"]
+           "Split", "group_split", "standard_splits", "stratified_split", "sweep"]

@@ -16,14 +16,14 @@ from torch import nn
 
 from linprobe import __version__, distributed
 from linprobe.atomic import atomic_write_text
-from linprobe.cache import CacheError
-from linprobe.data import standard_splits
+from linprobe.capture.cache import CacheError
+from linprobe.capture.reduce import DEFAULT_FEATURE_BUDGET
+from linprobe.capture.taps import layer_names
+from linprobe.data.datasets import standard_splits
 from linprobe.finished import probe
-from linprobe.html_report import write_report
-from linprobe.reduce import DEFAULT_FEATURE_BUDGET
-from linprobe.results import ProbeResult
-from linprobe.sweeps import build_model, find_checkpoints, import_factory, sweep
-from linprobe.taps import layer_names
+from linprobe.report.html import write_report
+from linprobe.report.results import ProbeResult
+from linprobe.training.sweeps import build_model, find_checkpoints, import_factory, sweep
 
 
 class UsageError(Exception):
@@ -79,7 +79,7 @@ def _task_option(text: str) -> str:
 
 def _tasks(options: Sequence[str] | None) -> dict[str, Any]:
     """The ``--task`` options as ``probe``'s ``tasks``."""
-    from linprobe import tasks
+    from linprobe.fit import tasks
 
     built: dict[str, Any] = {}
     for text in options or ():

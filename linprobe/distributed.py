@@ -18,7 +18,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-
 T = TypeVar("T")
 _alone = False  # inside ``local()``: this process works on its own share, as a job of one
 

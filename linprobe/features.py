@@ -12,10 +12,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from linprobe.capture.taps import INPUT
+from linprobe.data.inputs import InputSpec
 from linprobe.finished import probe
-from linprobe.inputs import InputSpec
-from linprobe.results import ProbeResult
-from linprobe.taps import INPUT
+from linprobe.report.results import ProbeResult
 
 MASK = "attention_mask"
 

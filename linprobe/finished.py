@@ -24,14 +24,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from linprobe import distributed
-from linprobe.cache import CacheError, FeatureCache, open_reserved
-from linprobe.evaluate import Evaluation, evaluate
-from linprobe.extract import extract_split, model_device
-from linprobe.html_report import write_report
-from linprobe.inputs import InputSpec, Split, as_splits
-from linprobe.probes import LinearProbe, ProbeBank
-from linprobe.provenance import provenance
-from linprobe.reduce import (
+from linprobe.capture.cache import CacheError, FeatureCache, open_reserved
+from linprobe.capture.extract import extract_split, model_device
+from linprobe.capture.reduce import (
     DEFAULT_FEATURE_BUDGET,
     ReduceSpec,
     Reduction,
@@ -39,12 +34,17 @@ from linprobe.reduce import (
     reduction_from_dict,
     resolve_reductions,
 )
-from linprobe.results import MAIN, LayerInfo, ProbeResult
-from linprobe.ridge import fit_ridge_paths
-from linprobe.solvers import DEFAULT_L2_PATH, FitSettings, FittedPath, fit_paths, group_key
-from linprobe.taps import LayerSpec, Plan, RepeatPolicy, Selector, Taps, TokenReduction, frozen
-from linprobe.tasks import Targets, TaskSpec, baselines, describe_spec, resolve
-from linprobe.uncertainty import differs_beyond_noise
+from linprobe.capture.taps import LayerSpec, Plan, RepeatPolicy, Selector, Taps, TokenReduction, frozen
+from linprobe.data.inputs import InputSpec, Split, as_splits
+from linprobe.fit.evaluate import Evaluation, evaluate
+from linprobe.fit.probes import LinearProbe, ProbeBank
+from linprobe.fit.ridge import fit_ridge_paths
+from linprobe.fit.solvers import DEFAULT_L2_PATH, FitSettings, FittedPath, fit_paths, group_key
+from linprobe.fit.tasks import Targets, TaskSpec, baselines, describe_spec, resolve
+from linprobe.fit.uncertainty import differs_beyond_noise
+from linprobe.report.html import write_report
+from linprobe.report.provenance import provenance
+from linprobe.report.results import MAIN, LayerInfo, ProbeResult
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ def probe(model: nn.Module, train: Any, valid: Any, test: Any = None, *, layers:
 
     Data are ``(x, y)`` arrays or tensors (``x`` of any dtype, or a tuple / dict of them: ``model(*x)``,
     ``model(**x)``), Datasets or DataLoaders yielding ``(x, y)`` or a dict holding ``labels`` (``inputs=``
-    names other keys; see ``linprobe.inputs``). Labels ``(N, T)`` with -100 for unlabelled tokens make each
+    names other keys; see ``linprobe.data.inputs``). Labels ``(N, T)`` with -100 for unlabelled tokens make each
     labelled token a sample. ``layers="all"`` probes every module that runs and gives a per-sample tensor
     (``meta["skipped"]`` says what was left out and why), ``"residual"`` a transformer's residual stream; a
     module called several times gives a probe per call (``name#k``) unless ``repeat=`` says otherwise.
@@ -123,7 +123,7 @@ def probe(model: nn.Module, train: Any, valid: Any, test: Any = None, *, layers:
 
     Labels may be any whole numbers >= 0; the classes found in train become probe outputs 0..K-1 in
     ascending order (``meta["classes"]``). ``tasks`` adds label sets fitted on the same features, with no
-    second forward pass (``linprobe.tasks``): ``{"coarse": lambda y: y // 5, "control": control_task(),
+    second forward pass (``linprobe.fit.tasks``): ``{"coarse": lambda y: y // 5, "control": control_task(),
     "size": values(train=..., valid=..., test=...)}``; each has its own probes and rows (the ``task`` column; the
     data's own labels are ``"main"``), and a control or shuffled task a ``selectivity`` row per layer and split.
     Every number carries a 95% confidence interval (``lo``, ``hi``): Wilson's for top-1 and top-5 error, a seeded

@@ -1,6 +1,6 @@
 """The paper's models, with submodule names equal to its probe points.
 
-Every probe point other than ``"input"`` (the model's own input, which :mod:`linprobe.taps` handles)
+Every probe point other than ``"input"`` (the model's own input, which :mod:`linprobe.capture.taps` handles)
 is a top-level submodule, so a forward hook on ``model.get_submodule(name)`` captures exactly that
 point. Factories build the model on the meta device and initialise it from a local
 ``torch.Generator``, so construction never reads or advances the global RNG.

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from linprobe.data import ArrayDataset, load_digits, stratified_split
+from linprobe.data.datasets import ArrayDataset, load_digits, stratified_split
 from linprobe.experiments import reproduce
 from linprobe.experiments.report import Summary
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from linprobe.cache import CacheError, FeatureCache, shard_name
+from linprobe.capture.cache import CacheError, FeatureCache, shard_name
 
 
 def _fill(cache: FeatureCache, split: str, n: int = 10, *, rank: int = 0, world: int = 1, dtype: str = "float32"):

@@ -1,4 +1,4 @@
-"""Tests for linprobe.data and the Split boundary of linprobe.inputs: loaders on real and synthetic data, stratified
+"""Tests for linprobe.data.datasets and the Split boundary of linprobe.data.inputs: loaders on real and synthetic data, stratified
 splits, batching and fingerprints."""
 from __future__ import annotations
 
@@ -13,8 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 
-from linprobe import data
-from linprobe.data import (
+from linprobe.data.datasets import (
     ArrayDataset,
     load_dataset,
     load_digits,
@@ -24,7 +23,8 @@ from linprobe.data import (
     standard_splits,
     stratified_split,
 )
-from linprobe.inputs import Batch, InputSpec, Split
+from linprobe.data.datasets import datasets as data
+from linprobe.data.inputs import Batch, InputSpec, Split
 
 IDX_CODES = {np.dtype(np.uint8): 0x08, np.dtype(">i4"): 0x0C}
 
@@ -447,7 +447,7 @@ def test_batch_calls_the_model_as_its_inputs_say() -> None:
 
 
 def test_group_split_keeps_every_group_on_one_side_and_sizes_close() -> None:
-    from linprobe.data import group_split
+    from linprobe.data.datasets import group_split
 
     g = torch.Generator().manual_seed(0)
     groups = torch.randint(0, 60, (1000,), generator=g)  # 60 sources of about 17 samples

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from linprobe.diagnose import DeadSegment, GarbageForward, Kink, Lag, describe, diagnose
-from linprobe.results import LayerInfo, ProbeResult
+from linprobe.report.diagnose import DeadSegment, GarbageForward, Kink, Lag, describe, diagnose
+from linprobe.report.results import LayerInfo, ProbeResult
 
 CHANCE = 0.9
 

@@ -1,4 +1,4 @@
-"""The diode diagrams (linprobe.diagram) and the diagram experiment that draws every paper model."""
+"""The diode diagrams (linprobe.report.diagram) and the diagram experiment that draws every paper model."""
 from __future__ import annotations
 
 import json
@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import linprobe as lp
-from linprobe.diagram import GAP, draw_model, elide, model_layers, split_layout
 from linprobe.experiments import reproduce
 from linprobe.models import MNIST_CONVNET_PROBES, inception_layout, mnist_convnet, small_inception
+from linprobe.report.diagram import GAP, draw_model, elide, model_layers, split_layout
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 NAMES = ["input", "conv", "relu", "fc"]

@@ -14,17 +14,16 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from conftest import one_thread
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import linprobe as lp
 from linprobe import distributed
-from linprobe.cache import FeatureCache
+from linprobe.capture.cache import FeatureCache
 from linprobe.cli import main
-from linprobe.inputs import Split
-from linprobe.solvers import fit_logistic
-
-from conftest import one_thread
+from linprobe.data.inputs import Split
+from linprobe.fit.solvers import fit_logistic
 
 pytestmark = pytest.mark.slow  # minutes in all: `pytest -m "not slow"` leaves it out
 

@@ -6,14 +6,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import quick_run
 
 import linprobe as lp
-from linprobe.experiments.inception import QUICK, aux_lead
 from linprobe.experiments import reproduce
+from linprobe.experiments.inception import QUICK, aux_lead
 from linprobe.experiments.report import Summary
 from linprobe.models import inception_probe_points, small_inception
-
-from conftest import quick_run
 
 pytestmark = pytest.mark.slow  # minutes in all: `pytest -m "not slow"` leaves it out
 

@@ -1,10 +1,9 @@
 """The convnet experiment's monitored training, on a small slice: the table, the timelines and the findings."""
 from __future__ import annotations
 
-import pytest
-
 from pathlib import Path
 
+import pytest
 import torch
 from PIL import Image
 

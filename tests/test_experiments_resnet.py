@@ -6,12 +6,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import quick_run
 
 import linprobe as lp
 from linprobe.experiments.report import Summary, depth_trend
 from linprobe.models import resnet_probe_points, small_resnet
-
-from conftest import quick_run
 
 pytestmark = pytest.mark.slow  # minutes in all: `pytest -m "not slow"` leaves it out
 

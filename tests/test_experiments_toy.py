@@ -5,12 +5,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import quick_run
 
 import linprobe as lp
 from linprobe.experiments.report import Summary
-from linprobe.solvers import DEFAULT_L2_PATH
-
-from conftest import quick_run
+from linprobe.fit.solvers import DEFAULT_L2_PATH
 
 pytestmark = pytest.mark.slow  # minutes in all: `pytest -m "not slow"` leaves it out
 

@@ -13,9 +13,9 @@ from torch import nn
 
 import linprobe as lp
 from linprobe import finished
-from linprobe.cache import FeatureCache
-from linprobe.data import ArrayDataset, load_mnist, stratified_split
-from linprobe.solvers import sklearn_C
+from linprobe.capture.cache import FeatureCache
+from linprobe.data.datasets import ArrayDataset, load_mnist, stratified_split
+from linprobe.fit.solvers import sklearn_C
 
 
 def _sklearn_test_error(train: ArrayDataset, test: ArrayDataset, l2: float) -> float:
@@ -195,7 +195,7 @@ def test_fit_reads_standardised_layers_from_unlinked_scratch_files(tmp_path):
     import numpy as np
 
     raw = np.random.default_rng(0).normal(3.0, 2.0, size=(20000, 7)).astype(np.float32)
-    std = lp.reduce.Standardizer.fit([raw[i:i + 5000] for i in range(0, len(raw), 5000)])
+    std = lp.capture.reduce.Standardizer.fit([raw[i:i + 5000] for i in range(0, len(raw), 5000)])
     x = finished._standardized(raw, std, torch.device("cpu"), tmp_path)
     assert list(tmp_path.iterdir()) == []
     maps = [line for line in open("/proc/self/maps") if f"{tmp_path}/.fit-" in line]
@@ -227,7 +227,7 @@ def test_raw_features_without_standardising(digits_splits):
     probe = raw.probes["input"]
     assert torch.equal(probe.mean, torch.zeros_like(probe.mean)) and torch.equal(probe.std, torch.ones_like(probe.std))
     x, y = train.x.flatten(1).double().numpy(), train.y.numpy()
-    sk = LogisticRegression(C=lp.solvers.sklearn_C(1e-2, len(y)), max_iter=5000, tol=1e-8).fit(x, y)
+    sk = LogisticRegression(C=lp.fit.solvers.sklearn_C(1e-2, len(y)), max_iter=5000, tol=1e-8).fit(x, y)
     xt = test.x.flatten(1)
     agree = (probe(xt).argmax(1).numpy() == sk.predict(xt.double().numpy())).mean()
     assert agree >= 0.99

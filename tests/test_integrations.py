@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from linprobe.monitor import Monitor
+from linprobe.training.monitor import Monitor
 from tests.test_monitor import blobs, mlp
 
 
@@ -17,7 +17,7 @@ def test_tensorboard_logger_writes_a_scalar_per_number_and_the_heatmaps(tmp_path
     pytest.importorskip("tensorboard", reason="tensorboard is not installed: pip install tensorboard to test it")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from linprobe.integrations.tensorboard import TensorBoardLogger
+    from linprobe.training.integrations.tensorboard import TensorBoardLogger
 
     model, data = mlp(), blobs(64, 0)
     logger = TensorBoardLogger(tmp_path)
@@ -40,7 +40,7 @@ def test_tensorboard_logger_writes_a_scalar_per_number_and_the_heatmaps(tmp_path
 def test_lightning_callback_measures_every_k_optimiser_steps(tmp_path: Path) -> None:
     pl = pytest.importorskip("lightning.pytorch", reason="lightning is not installed: pip install lightning to test "
                                                          "the callback")
-    from linprobe.integrations.lightning import ProbeCallback
+    from linprobe.training.integrations.lightning import ProbeCallback
 
     class Classifier(pl.LightningModule):
         def __init__(self) -> None:
@@ -75,12 +75,12 @@ def test_lightning_callback_measures_every_k_optimiser_steps(tmp_path: Path) -> 
 
 def test_a_missing_package_is_named_with_the_command_that_installs_it(monkeypatch: pytest.MonkeyPatch,
                                                                       tmp_path: Path) -> None:
-    from linprobe.integrations.tensorboard import summary_writer
+    from linprobe.training.integrations.tensorboard import summary_writer
 
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # what an absent package looks like
     with pytest.raises(ImportError, match="pip install tensorboard"):
         summary_writer(tmp_path)
     monkeypatch.setitem(sys.modules, "lightning.pytorch", None)
-    monkeypatch.delitem(sys.modules, "linprobe.integrations.lightning", raising=False)
+    monkeypatch.delitem(sys.modules, "linprobe.training.integrations.lightning", raising=False)
     with pytest.raises(ImportError, match="pip install lightning"):
-        importlib.import_module("linprobe.integrations.lightning")
+        importlib.import_module("linprobe.training.integrations.lightning")

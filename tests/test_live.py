@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import linprobe as lp
-from linprobe.inputs import Split
+from linprobe.data.inputs import Split
 
 
 def _net() -> nn.Module:
@@ -85,7 +85,7 @@ def test_equal_widths_share_one_batched_group_and_one_parameter():
 
 def test_batched_group_equals_separate_probes():
     """The stacked (L, B, D) computation must give each layer exactly its own probe's logits."""
-    group = lp.live.ProbeGroup(["a", "b"], 5, 3)
+    group = lp.training.live.ProbeGroup(["a", "b"], 5, 3)
     with torch.no_grad():
         for w in group.weights:
             w.normal_()

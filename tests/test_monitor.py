@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from linprobe.data import ArrayDataset
-from linprobe.monitor import Monitor, gap_table, metrics_at, online_exact_gap, online_metric
-from linprobe.results import ProbeResult
+from linprobe.data.datasets import ArrayDataset
+from linprobe.report.results import ProbeResult
+from linprobe.training.monitor import Monitor, gap_table, metrics_at, online_exact_gap, online_metric
 
 
 def blobs(n: int, seed: int) -> ArrayDataset:

@@ -4,8 +4,17 @@ import numpy as np
 import pytest
 import torch
 
-from linprobe.reduce import (Flatten, Pool, Project, Standardizer, Subset, auto_reduction, parse_reduction,
-                             reduction_from_dict, resolve_reductions)
+from linprobe.capture.reduce import (
+    Flatten,
+    Pool,
+    Project,
+    Standardizer,
+    Subset,
+    auto_reduction,
+    parse_reduction,
+    reduction_from_dict,
+    resolve_reductions,
+)
 
 
 def test_pool_per_channel_and_to_k_by_k():
@@ -100,7 +109,7 @@ def test_pooling_fast_path_equals_adaptive_pooling(shape, size):
 
 
 def test_a_global_pool_passes_flat_layers_through_and_errors_name_the_layer():
-    from linprobe.reduce import Flatten, Pool, resolve_reductions
+    from linprobe.capture.reduce import Flatten, Pool, resolve_reductions
     found = resolve_reductions("pool", {"conv": (4, 6, 6), "fc": (10,)})
     assert found == {"conv": Pool((1,)), "fc": Flatten()}
     with pytest.raises(ValueError, match=r"layer 'fc' \(per-sample shape \(10,\)\): pooling needs"):

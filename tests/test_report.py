@@ -15,7 +15,7 @@ from torch import nn
 
 import linprobe as lp
 from linprobe.cli import main
-from linprobe.html_report import write_report
+from linprobe.report.html import write_report
 
 
 class _Cells(HTMLParser):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from linprobe.results import LayerInfo, ProbeResult, markdown_table
+from linprobe.report.results import LayerInfo, ProbeResult, markdown_table
 
 
 def _run(step: int, bad: str | None = None) -> ProbeResult:
@@ -33,14 +33,14 @@ def test_markdown_table_pads_columns():
 def test_csv_values_carry_no_float32_noise():
     import numpy as np
 
-    from linprobe.results import format_value
+    from linprobe.report.results import format_value
     assert format_value(float(np.float32(0.08))) == "0.08"  # not 0.07999999821186066
     assert np.float32(format_value(float(np.float32(1 / 3)))) == np.float32(1 / 3)
     assert format_value(1 / 3) == repr(1 / 3) and format_value(0.0) == "0"  # a float64 value keeps its repr
 
 
 def test_table_can_show_only_some_metrics():
-    from linprobe.results import LayerInfo, ProbeResult
+    from linprobe.report.results import LayerInfo, ProbeResult
     r = ProbeResult([LayerInfo("a", (3,), 3, 3, {"kind": "none"}, 0.5, 1.0)])
     r.add(0, "a", "valid", {"top1_error": 0.25, "cross_entropy": 0.7})
     head = r.table(metrics=("top1_error",)).splitlines()[0]

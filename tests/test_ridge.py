@@ -10,9 +10,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from linprobe import distributed, ridge
-from linprobe.ridge import RidgePath, fit_ridge_paths, regression_metrics, ridge_objective, sklearn_alpha
-from linprobe.solvers import FitSettings, LinearWeights
+from linprobe import distributed
+from linprobe.fit import ridge
+from linprobe.fit.ridge import RidgePath, fit_ridge_paths, regression_metrics, ridge_objective, sklearn_alpha
+from linprobe.fit.solvers import FitSettings, LinearWeights
 
 ALL = FitSettings(patience=None)  # the whole default path, strong to weak
 

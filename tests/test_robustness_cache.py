@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 import linprobe as lp
-from linprobe import cache as cache_module
-from linprobe.cache import CacheError, FeatureCache, ShardWriter, shard_name
+from linprobe.capture import cache as cache_module
+from linprobe.capture.cache import CacheError, FeatureCache, ShardWriter, shard_name
 
 FAST = {"l2_path": (1.0,), "progress": False}
 

@@ -7,9 +7,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import linprobe as lp
-from linprobe.cache import FeatureCache
-from linprobe.extract import model_float_dtype, prepared
-from linprobe.inputs import Batch
+from linprobe.capture.cache import FeatureCache
+from linprobe.capture.extract import model_float_dtype, prepared
+from linprobe.data.inputs import Batch
 
 FAST = {"l2_path": (1.0,), "progress": False}
 

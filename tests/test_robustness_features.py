@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import linprobe as lp
-from linprobe.reduce import parse_reduction
+from linprobe.capture.reduce import parse_reduction
 
 FAST = {"l2_path": (1.0,), "progress": False}
 

@@ -7,10 +7,10 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from linprobe.cache import FeatureCache
-from linprobe.data import as_labels
-from linprobe.tasks import _classes
-from linprobe.reduce import parse_reduction, reduction_from_dict
+from linprobe.capture.cache import FeatureCache
+from linprobe.capture.reduce import parse_reduction, reduction_from_dict
+from linprobe.data.datasets import as_labels
+from linprobe.fit.tasks import _classes
 
 FUZZ = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 

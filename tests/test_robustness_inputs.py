@@ -13,8 +13,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 import linprobe as lp
-from linprobe.reduce import Flatten, Pool, Subset, auto_reduction
-from linprobe.taps import LayerSelectionError, Taps
+from linprobe.capture.reduce import Flatten, Pool, Subset, auto_reduction
+from linprobe.capture.taps import LayerSelectionError, Taps
 
 KW = dict(l2_path=(1.0,), progress=False, plot=False)
 
@@ -188,7 +188,7 @@ def test_residual_preset_finds_the_blocks_or_fails_loudly():
 def test_per_token_data_is_split_by_whole_sequences():
     ids, _ = _tokens(50)
     labels = (ids % 3).masked_fill(ids == 0, -100)
-    parts = lp.data.stratified_split(lp.ArrayDataset({"input_ids": ids}, labels), [0.6, 0.4], seed=0)
+    parts = lp.stratified_split(lp.ArrayDataset({"input_ids": ids}, labels), [0.6, 0.4], seed=0)
     assert [len(p) for p in parts] == [30, 20]  # whole sequences, with all their tokens' labels
     got = sorted(r for p in parts for r in p.x["input_ids"].tolist())
     assert got == sorted(ids.tolist())
@@ -228,7 +228,7 @@ def test_data_that_does_not_fit_the_model_is_named_before_any_extraction(tmp_pat
 
 
 def test_a_corrupt_checkpoint_is_a_clear_error_without_pickle_advice(tmp_path):
-    from linprobe.sweeps import CheckpointError, load_checkpoint
+    from linprobe.training.sweeps import CheckpointError, load_checkpoint
     path = tmp_path / "step_1.pt"
     torch.save(nn.Linear(2, 2).state_dict(), path)
     path.write_bytes(path.read_bytes()[:40])

@@ -8,9 +8,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import linprobe as lp
-from linprobe.data import ArrayDataset, as_labels
-from linprobe.inputs import Split
-from linprobe.metrics import balanced_error
+from linprobe.data.datasets import ArrayDataset, as_labels
+from linprobe.data.inputs import Split
+from linprobe.fit.metrics import balanced_error
 
 
 def _data(y: torch.Tensor, *, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

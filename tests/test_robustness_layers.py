@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import linprobe as lp
-from linprobe.taps import Taps
+from linprobe.capture.taps import Taps
 
 
 class Unrolled(nn.Module):

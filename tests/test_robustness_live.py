@@ -1,7 +1,10 @@
 """OnlineProbes.step: labels checked against the batch and classes; a NaN layer is invalid, the others unaffected."""
-import torch, pytest
+import pytest
+import torch
 from torch import nn
+
 import linprobe as lp
+
 
 class Poison(nn.Linear):
     """A linear layer that can put one NaN into its output (sample 3, unit 1)."""

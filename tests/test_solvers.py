@@ -8,9 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from linprobe.metrics import chance_error, cross_entropy, topk_error
-from linprobe.solvers import (
-    DEFAULT_L2_PATH, LinearWeights, fit_l2_path, fit_logistic, objective, sklearn_C,
+from linprobe.fit.metrics import chance_error, cross_entropy, topk_error
+from linprobe.fit.solvers import (
+    DEFAULT_L2_PATH,
+    LinearWeights,
+    fit_l2_path,
+    fit_logistic,
+    objective,
+    sklearn_C,
 )
 
 L2 = 1e-2
@@ -250,7 +255,7 @@ def test_wide_layer_default_path():
 
 def test_row_space_fit_equals_primal_fit_on_a_wide_layer(monkeypatch):
     """D > 2N is fitted on the N x N row space of X (eigendecomposition of its centred Gram matrix); the same probe."""
-    from linprobe import solvers
+    from linprobe.fit import solvers
 
     g = torch.Generator().manual_seed(3)
     X = torch.randn(400, 1500, generator=g)
@@ -277,7 +282,7 @@ def _layers(seed: int, n: int, count: int, d: int = 40, c: int = 4):
 
 def test_batched_fits_equal_one_at_a_time():
     """Layers fitted together (stacked, batched products) choose the same L2 and reach the same probes as alone."""
-    from linprobe.solvers import FitSettings, fit_paths
+    from linprobe.fit.solvers import FitSettings, fit_paths
 
     train, ytr = _layers(0, 600, 5)
     valid, yv = _layers(1, 300, 5)
@@ -321,7 +326,7 @@ def test_uncentred_badly_scaled_features_match_sklearn():
 def test_pathological_layers_converge():
     """Collapsed features (every row the same up to float noise), a constant layer and pure noise: every fit
     converges (no max_iter) with finite weights, and the probes sit at chance."""
-    from linprobe.solvers import FitSettings, fit_paths
+    from linprobe.fit.solvers import FitSettings, fit_paths
 
     g = torch.Generator().manual_seed(5)
     n, d = 500, 32
@@ -342,7 +347,7 @@ def test_pathological_layers_converge():
 def test_batched_lbfgs_solves_quadratics_exactly():
     """Independent strongly convex quadratics of very different conditioning, solved in one batch: each reaches
     its own minimiser; one given a zero iteration budget stops where it started, unconverged."""
-    from linprobe.lbfgs import minimize
+    from linprobe.fit.lbfgs import minimize
 
     g = torch.Generator().manual_seed(0)
     A = torch.stack([torch.diag(torch.logspace(0, k, 6)) for k in (0, 2, 4)])

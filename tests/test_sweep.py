@@ -1,4 +1,4 @@
-"""Tests for linprobe.sweeps: finding checkpoints, a killed sweep resuming to the same table, adding a
+"""Tests for linprobe.training.sweeps: finding checkpoints, a killed sweep resuming to the same table, adding a
 checkpoint later, refusing a folder of another sweep, and the ``linprobe sweep`` command."""
 from __future__ import annotations
 
@@ -20,12 +20,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from linprobe import sweeps as sweep_module
 from linprobe.cli import main
-from linprobe.data import ArrayDataset, load_digits, standard_splits, stratified_split
+from linprobe.data.datasets import ArrayDataset, load_digits, standard_splits, stratified_split
 from linprobe.models import mnist_convnet
-from linprobe.results import ProbeResult
-from linprobe.sweeps import CheckpointError, SweepError, find_checkpoints, parse_step, sweep
+from linprobe.report.results import ProbeResult
+from linprobe.training import sweeps as sweep_module
+from linprobe.training.sweeps import CheckpointError, SweepError, find_checkpoints, parse_step, sweep
 
 LAYERS = ["conv2_postpool", "fc1_postact"]
 FAST = {"layers": LAYERS, "max_iter": 10, "progress": False}
@@ -291,7 +291,7 @@ def test_a_folder_lists_safetensors_checkpoints_too(tmp_path):
 
 
 def test_a_sweep_fits_every_task_and_refuses_other_labels_on_resume(run, tmp_path):
-    from linprobe.tasks import control_task
+    from linprobe.fit.tasks import control_task
 
     data = splits(run)
     chosen = find_checkpoints(run)[:2]

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import linprobe as lp
-from linprobe.taps import LayerSelectionError, Taps, default_select, frozen, reduce_tokens, resolve_layers
+from linprobe.capture.taps import LayerSelectionError, Taps, default_select, frozen, reduce_tokens, resolve_layers
 
 
 def test_layer_names_registration_and_execution_order(small_net):

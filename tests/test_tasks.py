@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import linprobe as lp
-from linprobe.tasks import control_task, labels, shuffled_labels, values
+from linprobe.fit.tasks import control_task, labels, shuffled_labels, values
 
 FAST = {"progress": False, "plot": False}
 
@@ -99,8 +99,8 @@ def test_control_task_selectivity_is_low_where_a_layer_memorises_and_high_where_
 
 
 def test_control_labels_are_fixed_per_type_across_splits_and_follow_the_class_distribution() -> None:
-    from linprobe.inputs import Split
-    from linprobe.tasks import resolve
+    from linprobe.data.inputs import Split
+    from linprobe.fit.tasks import resolve
 
     ids = torch.arange(4000).remainder(500).view(500, 8)  # 500 types, each in several sequences
     y = (torch.arange(4000) % 10 < 7).long().view(500, 8)  # 70% of the tokens are class 1

@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from linprobe.animate import animate_errors
-from linprobe.plots import ERROR_CMAP, error_norm, plot_heatmap, probe_colour
-from linprobe.timeline import save_timeline
+from linprobe.report.animate import animate_errors
+from linprobe.report.plots import ERROR_CMAP, error_norm, plot_heatmap, probe_colour
+from linprobe.report.timeline import save_timeline
 from tests.test_diagnose import CHANCE, table
 
 SKIP_LIKE = {0: [0.1, 0.5, 0.6, 0.7, 0.8, 0.3, 0.5, 0.6],

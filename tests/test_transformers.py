@@ -14,7 +14,7 @@ from sklearn.preprocessing import StandardScaler
 from torch import nn
 
 import linprobe as lp
-from linprobe.solvers import sklearn_C
+from linprobe.fit.solvers import sklearn_C
 
 transformers = pytest.importorskip("transformers")
 

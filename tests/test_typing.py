@@ -19,7 +19,7 @@ ALLOWED = {
     "linprobe/experiments/diagram.py": 1,
     "linprobe/experiments/training.py": 1,
     "linprobe/experiments/__init__.py": 1,
-    "linprobe/integrations/lightning.py": 1,
+    "linprobe/training/integrations/lightning.py": 1,
 }
 
 

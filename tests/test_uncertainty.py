@@ -1,4 +1,4 @@
-"""linprobe.uncertainty: point metrics equal scikit-learn's, intervals have their textbook values and coverage, the
+"""linprobe.fit.uncertainty: point metrics equal scikit-learn's, intervals have their textbook values and coverage, the
 bootstrap is seeded independently of the global RNG, and the paired test never calls one sample a difference."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import one_thread
 
-from linprobe.uncertainty import (
+from linprobe.fit.uncertainty import (
     PairedTest,
     auroc,
     balanced_accuracy,

@@ -7,7 +7,7 @@ import torch
 
 import linprobe as lp
 from benchmarks.resnet import BasicBlock, Bottleneck, ResNet
-from linprobe.taps import Taps
+from linprobe.capture.taps import Taps
 
 
 def _twins(block: type[BasicBlock | Bottleneck], depth: tuple[int, ...] = (1, 1, 1, 1)) -> tuple[ResNet, ResNet]:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from linprobe.experiments.report import Summary
-from linprobe.html_report import write_report
+from linprobe.report.html import write_report
 
 EXPERIMENTS: dict[str, str] = {
     "toy": "linprobe.experiments.toy",

@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 
 import linprobe as lp
-from linprobe.diagnose import Kink
 from linprobe.experiments.report import Check, Summary, compare, standard_error, with_se
 from linprobe.experiments.training import model_error, train_epochs
 from linprobe.models import DEEP_MLP_VARIANTS, MLP, deep_mlp
-from linprobe.plots import plot_error_by_depth, save_figure
+from linprobe.report.diagnose import Kink
+from linprobe.report.plots import plot_error_by_depth, save_figure
 
 CLAIMS = {
     "plain": "the 128-layer MLP cannot be trained by gradient descent: its deep layers stay useless",

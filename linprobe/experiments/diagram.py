@@ -12,10 +12,18 @@ import torch
 from torch import nn
 
 import linprobe as lp
-from linprobe.diagram import GAP, draw_model, elide, model_layers, split_layout
 from linprobe.experiments.report import Summary
-from linprobe.models import (MNIST_CONVNET_PROBES, deep_mlp, inception_layout, inception_probe_points, mnist_convnet,
-                             resnet_probe_points, small_inception, small_resnet)
+from linprobe.models import (
+    MNIST_CONVNET_PROBES,
+    deep_mlp,
+    inception_layout,
+    inception_probe_points,
+    mnist_convnet,
+    resnet_probe_points,
+    small_inception,
+    small_resnet,
+)
+from linprobe.report.diagram import GAP, draw_model, elide, model_layers, split_layout
 
 CLAIM = ("probes consume the features during the forward pass but do not contribute to backpropagation: a diode "
          "on the wire to each probe says that no gradient flows back (Appendix A, Fig. 7)")

@@ -14,14 +14,14 @@ from pathlib import Path
 import torch
 
 import linprobe as lp
-from linprobe.diagram import draw_model, split_layout
+from linprobe.capture.reduce import Reduction, reduction_from_dict
 from linprobe.experiments.report import Check, Summary, compare, depth_trend, listed, with_se
 from linprobe.experiments.resnet import QUICK as RESNET_QUICK
 from linprobe.experiments.training import at_most, model_error, train_sgd
 from linprobe.models import SmallInception, inception_layout, inception_probe_points, small_inception
-from linprobe.plots import plot_layer_curves
-from linprobe.reduce import Reduction, reduction_from_dict
-from linprobe.results import markdown_table
+from linprobe.report.diagram import draw_model, split_layout
+from linprobe.report.plots import plot_layer_curves
+from linprobe.report.results import markdown_table
 
 CLAIM = ("the colours of the probes form a smooth, nearly monotone gradient along the depth (Fig. 5), and early in "
          "training the auxiliary head is slightly ahead of (lower error than) the main head (Fig. 9)")

@@ -16,12 +16,12 @@ import torch
 
 import linprobe as lp
 from linprobe.atomic import atomic_write_text
-from linprobe.diagram import model_layers
 from linprobe.experiments.report import Check, Summary, compare, listed, significant_steps, standard_error, with_se
 from linprobe.experiments.training import model_error, train_epochs
 from linprobe.models import MNIST_CONVNET_PROBES, mnist_convnet, mnist_convnet_l2_params
-from linprobe.monitor import gap_table, online_metric
-from linprobe.plots import plot_layer_curves
+from linprobe.report.diagram import model_layers
+from linprobe.report.plots import plot_layer_curves
+from linprobe.training.monitor import gap_table, online_metric
 
 CLAIM = ("untrained, the probe error falls from about 8% at the input to about 2% after the first ReLU; "
          "trained, it improves at every layer except a small kink at fc1_preact")

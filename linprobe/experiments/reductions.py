@@ -23,8 +23,8 @@ from linprobe.experiments.mnist_convnet import train_tutorial
 from linprobe.experiments.report import SIGNIFICANT, Check, Summary, compare, standard_error, with_se
 from linprobe.experiments.training import model_error
 from linprobe.models import MNIST_CONVNET_PROBES, mnist_convnet
-from linprobe.plots import plot_layer_curves
-from linprobe.results import format_value, markdown_table
+from linprobe.report.plots import plot_layer_curves
+from linprobe.report.results import format_value, markdown_table
 
 CLAIM = ("probes on layers with too many features overfit; reducing the features helps against it (section 3.4), "
          "and a fixed random subset of 1000 features worked best (Appendix C); the valid error is the quantity "

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from linprobe.atomic import atomic_write_text
-from linprobe.data import require_extra
+from linprobe.data.datasets import require_extra
 
 SIGNIFICANT = 2.0  # a difference between two errors counts only beyond this many standard errors of it
 VERDICTS = ("reproduced", "partly", "not")

@@ -14,13 +14,13 @@ from pathlib import Path
 import torch
 
 import linprobe as lp
-from linprobe.diagram import draw_model, model_layers
 from linprobe.experiments.report import Check, Summary, compare, depth_trend, listed, standard_error, with_se
 from linprobe.experiments.training import at_most, model_error, train_sgd
+from linprobe.fit.solvers import DEFAULT_L2_PATH
 from linprobe.models import resnet_probe_points, small_resnet
-from linprobe.plots import plot_errors_against_model
-from linprobe.results import markdown_table
-from linprobe.solvers import DEFAULT_L2_PATH
+from linprobe.report.diagram import draw_model, model_layers
+from linprobe.report.plots import plot_errors_against_model
+from linprobe.report.results import markdown_table
 
 CLAIM = ("deeper features are better at predicting the classes: the probe valid error falls almost perfectly "
          "monotonically along the depth of ResNet-50 (0.99 at the input, 0.31 after add_16, Table 4a / Fig. 4b)")

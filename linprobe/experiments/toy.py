@@ -18,9 +18,9 @@ from tqdm.auto import tqdm
 
 import linprobe as lp
 from linprobe.experiments.report import Check, Summary, compare, listed, significant_steps, standard_error, with_se
+from linprobe.fit.solvers import DEFAULT_L2_PATH
 from linprobe.models import toy_mlp
-from linprobe.plots import plot_layer_errors
-from linprobe.solvers import DEFAULT_L2_PATH
+from linprobe.report.plots import plot_layer_errors
 
 CLAIM = ("untrained, the probe error is essentially 0 on the input (layer 0) and climbs toward 0.5, "
          "a coin flip, as the layers get deeper")

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from linprobe.data import ArrayDataset
+from linprobe.data.datasets import ArrayDataset
 
 StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
 
@@ -80,6 +80,6 @@ def train_sgd(model: nn.Module, train: ArrayDataset, *, epochs: int, batch_size:
 
 def at_most(data: ArrayDataset, n: int | None, *, seed: int = 0) -> ArrayDataset:
     """A stratified, seeded subset of ``n`` samples of ``data`` (all of it when ``n`` is None or not smaller)."""
-    from linprobe.data import stratified_split
+    from linprobe.data.datasets import stratified_split
 
     return data if n is None or n >= len(data) else stratified_split(data, [n], seed=seed)[0]

@@ -11,9 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from linprobe.monitor import metrics_at
-from linprobe.plots import plot_heatmap
-from linprobe.results import ProbeResult
+from linprobe.report.plots import plot_heatmap
+from linprobe.report.results import ProbeResult
+from linprobe.training.monitor import metrics_at
 
 
 def summary_writer(log_dir: str | Path) -> Any:

@@ -3,7 +3,7 @@
 Each probed layer sends its features up (or, on an auxiliary branch, down) to a probe through a
 diode, the one-way valve of electronics: features flow into the probe, no gradient flows back.
 Given errors, each probe is coloured red (chance, useless) -> yellow -> green -> blue (0), as in 001 Fig. 5/9,
-on the one scale every figure shares (``linprobe.plots.error_norm``).
+on the one scale every figure shares (``linprobe.report.plots.error_norm``).
 """
 from __future__ import annotations
 
@@ -17,11 +17,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.patches import Circle, FancyArrowPatch, Polygon, Rectangle  # noqa: E402
-
 from torch import nn  # noqa: E402
 
-from linprobe.plots import ERROR_CMAP, error_norm, probe_colour, save_figure  # noqa: E402
-from linprobe.taps import layer_names  # noqa: E402
+from linprobe.capture.taps import layer_names  # noqa: E402
+from linprobe.report.plots import ERROR_CMAP, error_norm, probe_colour, save_figure  # noqa: E402
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes

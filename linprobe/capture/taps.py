@@ -22,7 +22,7 @@ from typing import Any, Literal, cast
 import torch
 from torch import nn
 
-from linprobe.inputs import Batch
+from linprobe.data.inputs import Batch
 
 INPUT = "input"
 LayerSpec = str | type[nn.Module] | Sequence[str | type[nn.Module]]

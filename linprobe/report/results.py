@@ -132,7 +132,7 @@ class ProbeResult:
 
     def correct(self, layer: str, split: str = "test", step: int | None = None, *, task: str = MAIN) -> np.ndarray:
         """Whether the probe of ``layer`` got each sample of ``split`` right (for
-        :func:`linprobe.uncertainty.paired_difference`: two layers, checkpoints or models on the same samples)."""
+        :func:`linprobe.fit.uncertainty.paired_difference`: two layers, checkpoints or models on the same samples)."""
         step = self.steps[-1] if step is None else step
         key = f"{step}/{task}/{split}/{layer}"
         if key not in self.predictions:
@@ -229,8 +229,8 @@ class ProbeResult:
         return result
 
     def plot(self, path: str | Path | None = None, *, split: str = "test", step: int | None = None) -> Any:
-        """Error per layer with the chance line (see ``linprobe.plots.plot_layer_errors``)."""
-        from linprobe.plots import plot_layer_errors
+        """Error per layer with the chance line (see ``linprobe.report.plots.plot_layer_errors``)."""
+        from linprobe.report.plots import plot_layer_errors
 
         return plot_layer_errors(self, path, split=split, step=step)
 
@@ -253,6 +253,6 @@ def format_value(value: float) -> str:
 
 def describe_reduction(reduction: dict[str, Any]) -> str:
     """A reduction saved as a dict, in words (``pool 2x2``, ``subset 100/784``)."""
-    from linprobe.reduce import reduction_from_dict
+    from linprobe.capture.reduce import reduction_from_dict
 
     return reduction_from_dict(reduction).describe()

@@ -14,8 +14,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.animation import AbstractMovieWriter, FFMpegWriter, FuncAnimation, PillowWriter, writers  # noqa: E402
 
-from linprobe.plots import error_grid, probe_colour  # noqa: E402
-from linprobe.results import ProbeResult  # noqa: E402
+from linprobe.report.plots import error_grid, probe_colour  # noqa: E402
+from linprobe.report.results import ProbeResult  # noqa: E402
 
 
 def animate_errors(result: ProbeResult, path: str | Path, *, split: str = "valid", metric: str = "top1_error",

@@ -19,12 +19,12 @@ import torch
 try:
     from lightning.pytorch import Callback, LightningModule, Trainer
 except ImportError as e:
-    raise ImportError("linprobe.integrations.lightning needs PyTorch Lightning: pip install lightning "
+    raise ImportError("linprobe.training.integrations.lightning needs PyTorch Lightning: pip install lightning "
                       "(or pip install 'linprobe[lightning]')") from e
 
-from linprobe.monitor import Monitor, metrics_at
-from linprobe.results import ProbeResult
-from linprobe.taps import LayerSpec
+from linprobe.capture.taps import LayerSpec
+from linprobe.report.results import ProbeResult
+from linprobe.training.monitor import Monitor, metrics_at
 
 
 def second_item(batch: Any) -> torch.Tensor:

@@ -6,7 +6,7 @@ A sweep folder holds::
     features/<key>/              ``probe``'s feature cache, one key per checkpoint (the key has the model's digest)
     steps/<step>/                one checkpoint's results.csv, results.json and probes/, then record.json last
     results.csv, results.json    every step's rows, rebuilt from steps/ at the end of each run
-    heatmap.png, animation.gif, diagnostics.md   ``linprobe.timeline``
+    heatmap.png, animation.gif, diagnostics.md   ``linprobe.report.timeline``
 
 A step is done exactly when its ``record.json`` exists (it is written after everything else of the step), so
 a killed sweep resumes at the first step without one, and a checkpoint added later costs only its own
@@ -34,11 +34,11 @@ from tqdm.auto import tqdm
 
 from linprobe import distributed
 from linprobe.atomic import atomic_write_text
+from linprobe.data.inputs import Split, as_splits
 from linprobe.finished import probe
-from linprobe.inputs import Split, as_splits
-from linprobe.probes import ProbeBank
-from linprobe.results import ProbeResult
-from linprobe.tasks import describe_spec, resolve, targets_fingerprint
+from linprobe.fit.probes import ProbeBank
+from linprobe.fit.tasks import describe_spec, resolve, targets_fingerprint
+from linprobe.report.results import ProbeResult
 
 ModelSource = Union[str, Callable[[], nn.Module], nn.Module]
 """``package.module:function``, a function building the model, or a model to load each checkpoint into."""
@@ -283,7 +283,7 @@ def sweep(model: ModelSource, checkpoints: str | Path | Sequence[tuple[int, str 
     if distributed.rank() == 0:
         result.save(out)
         if figures:
-            from linprobe.timeline import save_timeline
+            from linprobe.report.timeline import save_timeline
 
             result.meta["figures"] = {k: str(v) for k, v in save_timeline(result, out).items()}
     return result

@@ -20,9 +20,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from linprobe.results import ProbeResult
-from linprobe.taps import INPUT
-from linprobe.uncertainty import differs_beyond_noise
+from linprobe.capture.taps import INPUT
+from linprobe.fit.uncertainty import differs_beyond_noise
+from linprobe.report.results import ProbeResult
 
 Beyond = Callable[[float, float, float], bool]
 """``beyond(high, low, threshold)``: ``high`` exceeds ``low`` by the threshold and by more than noise."""

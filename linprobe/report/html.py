@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from linprobe.atomic import atomic_write_text
-from linprobe.evaluate import LEVEL
-from linprobe.results import MAIN, ProbeResult, Row, format_value
+from linprobe.fit.evaluate import LEVEL
+from linprobe.report.results import MAIN, ProbeResult, Row, format_value
 
 REPORT = "report.html"
 _FIGURES = {"errors.png": "Error per layer", "heatmap.png": "Error per layer and step",
@@ -31,7 +31,7 @@ def write_report(folder: str | Path, result: ProbeResult | None = None) -> Path:
         result = ProbeResult.load(folder)
     import jinja2  # only a report needs it
 
-    environment = jinja2.Environment(loader=jinja2.PackageLoader("linprobe", "templates"),
+    environment = jinja2.Environment(loader=jinja2.PackageLoader("linprobe.report", "templates"),
                                      autoescape=jinja2.select_autoescape(["html"]), undefined=jinja2.StrictUndefined)
     page = environment.get_template(REPORT).render(**_context(folder, result))
     atomic_write_text(folder / REPORT, page)
@@ -99,7 +99,7 @@ def _heatmap(result: ProbeResult, split: str = "valid") -> dict[str, Any]:
     scale (0 blue to chance red), each with its number and interval as a tooltip."""
     from matplotlib.colors import to_hex
 
-    from linprobe.plots import probe_colour  # matplotlib only when a report has steps
+    from linprobe.report.plots import probe_colour  # matplotlib only when a report has steps
 
     chance = result.chance_error or 1.0
     found = {(r.layer, r.step): r for r in result.rows if (r.task, r.split, r.metric) == (MAIN, split, "top1_error")}

@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from linprobe.atomic import atomic_write_bytes, atomic_write_text
-from linprobe.reduce import Reduction, Standardizer, reduction_from_dict
-from linprobe.results import MAIN
-from linprobe.solvers import DEFAULT_L2_PATH, FitSettings, FittedPath, LinearWeights, PathResult, fit_paths
+from linprobe.capture.reduce import Reduction, Standardizer, reduction_from_dict
+from linprobe.fit.solvers import DEFAULT_L2_PATH, FitSettings, FittedPath, LinearWeights, PathResult, fit_paths
+from linprobe.report.results import MAIN
 
 
 class LinearProbe(nn.Module):

@@ -24,13 +24,13 @@ from torch import nn
 from torch.optim.adam import adam
 
 from linprobe import distributed
-from linprobe.data import as_labels
-from linprobe.extract import prepared
-from linprobe.inputs import InputSpec, Split
-from linprobe.metrics import chance_error
-from linprobe.reduce import DEFAULT_FEATURE_BUDGET, ReduceSpec, Reduction, resolve_reductions
-from linprobe.results import LayerInfo, ProbeResult
-from linprobe.taps import CaptureChanged, LayerSpec, RepeatPolicy, Selector, Taps, TokenReduction, frozen
+from linprobe.capture.extract import prepared
+from linprobe.capture.reduce import DEFAULT_FEATURE_BUDGET, ReduceSpec, Reduction, resolve_reductions
+from linprobe.capture.taps import CaptureChanged, LayerSpec, RepeatPolicy, Selector, Taps, TokenReduction, frozen
+from linprobe.data.datasets import as_labels
+from linprobe.data.inputs import InputSpec, Split
+from linprobe.fit.metrics import chance_error
+from linprobe.report.results import LayerInfo, ProbeResult
 
 OptimizerFactory = Callable[[list[dict[str, Any]]], torch.optim.Optimizer]
 

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, SequentialSampler, Subset, TensorDataset
 
-from linprobe.data import IGNORE, ArrayDataset, sample_labels, tree_map, tree_tensors
+from linprobe.data.datasets import IGNORE, ArrayDataset, sample_labels, tree_map, tree_tensors
 
 _FINGERPRINT_SAMPLES = 64
 

@@ -5,7 +5,7 @@ Classification: ``top1_error`` and ``top5_error`` (more than five classes) with 
 evaluated samples (for the first two, a Poisson bootstrap over their (prediction, label) pairs: the same resampling
 distribution to first order, at a cost in classes^2, not samples), and ``cross_entropy``. Regression: ``mse`` and ``r2`` (uniform over outputs), bootstrapped. The
 bootstrap draws the same resamples for every layer (seed 0), so intervals of two layers are comparable and a run
-is reproducible bit for bit; the predictions let :func:`linprobe.uncertainty.paired_difference` compare two
+is reproducible bit for bit; the predictions let :func:`linprobe.fit.uncertainty.paired_difference` compare two
 layers, checkpoints or models on the same samples.
 """
 from __future__ import annotations
@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from linprobe.tasks import Targets
-from linprobe.uncertainty import (
+from linprobe.fit.tasks import Targets
+from linprobe.fit.uncertainty import (
     bootstrap_intervals,
     classification_stats,
     regression_stats,

@@ -11,11 +11,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from linprobe import distributed
-from linprobe.cache import CacheError, FeatureCache, ShardWriter
-from linprobe.data import tree_tensors
-from linprobe.inputs import Batch, Split
-from linprobe.reduce import Reduction, reduction_from_dict
-from linprobe.taps import Plan, Taps, discovery_batch
+from linprobe.capture.cache import CacheError, FeatureCache, ShardWriter
+from linprobe.capture.reduce import Reduction, reduction_from_dict
+from linprobe.capture.taps import Plan, Taps, discovery_batch
+from linprobe.data.datasets import tree_tensors
+from linprobe.data.inputs import Batch, Split
 
 
 def model_device(model: nn.Module) -> torch.device:

@@ -31,14 +31,14 @@ from typing import Any, TypedDict
 import torch
 from torch import nn
 
+from linprobe.capture.reduce import DEFAULT_FEATURE_BUDGET, ReduceSpec
+from linprobe.capture.taps import LayerSpec
+from linprobe.data.inputs import Split
 from linprobe.finished import probe
-from linprobe.inputs import Split
-from linprobe.live import OnlineProbes
-from linprobe.probes import ProbeBank
-from linprobe.reduce import DEFAULT_FEATURE_BUDGET, ReduceSpec
-from linprobe.results import ProbeResult, Row
-from linprobe.solvers import DEFAULT_L2_PATH
-from linprobe.taps import LayerSpec
+from linprobe.fit.probes import ProbeBank
+from linprobe.fit.solvers import DEFAULT_L2_PATH
+from linprobe.report.results import ProbeResult, Row
+from linprobe.training.live import OnlineProbes
 
 ONLINE = "online_"  # prefix of the online probes' metric names in a monitor's table
 MeasureCallback = Callable[[ProbeResult, int], None]

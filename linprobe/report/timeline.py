@@ -9,16 +9,16 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from linprobe.atomic import atomic_write_text
-from linprobe.diagnose import describe, diagnose
-from linprobe.html_report import write_report
-from linprobe.results import ProbeResult
+from linprobe.report.diagnose import describe, diagnose
+from linprobe.report.html import write_report
+from linprobe.report.results import ProbeResult
 
 
 def save_timeline(result: ProbeResult, out: str | Path, *, split: str = "valid", metric: str = "top1_error",
                   model_names: Sequence[str] | None = None, diagram_step: int | None = None) -> dict[str, Path]:
     """Write into ``out``: ``heatmap.png`` (layers x steps), ``animation.gif`` (and ``animation.mp4`` with
     ffmpeg), ``diagnostics.md`` and, given ``model_names`` (the diagram's boxes, as for
-    ``linprobe.diagram.draw_model``), ``diagram.png`` coloured by the error at ``diagram_step`` (default: the
+    ``linprobe.report.diagram.draw_model``), ``diagram.png`` coloured by the error at ``diagram_step`` (default: the
     last step).
 
     Returns the files written, keyed by their stem (``"heatmap"``, ``"animation"``, ``"animation_mp4"``,
@@ -31,9 +31,9 @@ def save_timeline(result: ProbeResult, out: str | Path, *, split: str = "valid",
     step = result.steps[-1] if diagram_step is None else diagram_step
     if step not in result.steps:
         raise ValueError(f"diagram_step={step} was not measured; the result has steps {result.steps}")
-    from linprobe.animate import animate_errors  # matplotlib, imported when a figure is drawn
-    from linprobe.diagram import draw_model
-    from linprobe.plots import plot_heatmap
+    from linprobe.report.animate import animate_errors  # matplotlib, imported when a figure is drawn
+    from linprobe.report.diagram import draw_model
+    from linprobe.report.plots import plot_heatmap
 
     out = Path(out)
     files = {"heatmap": plot_heatmap(result, out / "heatmap.png", split=split, metric=metric)}
@@ -52,7 +52,7 @@ def save_timeline(result: ProbeResult, out: str | Path, *, split: str = "valid",
 
 
 def diagnostics_markdown(result: ProbeResult, *, split: str = "valid", metric: str = "top1_error") -> str:
-    """The findings of ``linprobe.diagnose`` on ``metric`` / ``split`` as a small markdown page."""
+    """The findings of ``linprobe.report.diagnose`` on ``metric`` / ``split`` as a small markdown page."""
     chance = result.chance_error
     return (f"# Diagnostics\n\nprobe {split} {metric} over {len(result.names)} layers at steps "
             f"{', '.join(map(str, result.steps))} (chance {chance:.1%})\n\n"

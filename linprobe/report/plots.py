@@ -12,7 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 if TYPE_CHECKING:
-    from linprobe.results import ProbeResult
+    from linprobe.report.results import ProbeResult
 
 # probe error from good to bad: blue, green, yellow, red (001 Fig. 5, 9); shared by every coloured figure
 ERROR_CMAP = matplotlib.colors.LinearSegmentedColormap.from_list("probe_error",

@@ -14,7 +14,7 @@ means: the max-abs gradient of this mean-loss objective (times the features' RMS
 How it is fast (docs/benchmarks.md has the measurements):
 
 * **Many problems at once.** All layers of one width (and all layers wider than twice the sample count, after
-  the row-space reduction) are one batch for :func:`linprobe.lbfgs.minimize`: each has its own L-BFGS history,
+  the row-space reduction) are one batch for :func:`linprobe.fit.lbfgs.minimize`: each has its own L-BFGS history,
   line search and stopping, and Python is paid once per iteration for all of them. Stacked layers are evaluated
   with batched matrix products; the others one matrix product each.
 * **Preconditioning.** The solver works in centred coordinates (the bias absorbs each feature's mean, which
@@ -43,8 +43,8 @@ import torch
 from torch import Tensor
 
 from linprobe import distributed
-from linprobe.lbfgs import Outcome, minimize
-from linprobe.metrics import cross_entropy, topk_error
+from linprobe.fit.lbfgs import Outcome, minimize
+from linprobe.fit.metrics import cross_entropy, topk_error
 
 __all__ = [
     "DEFAULT_L2_PATH", "FitResult", "FitSettings", "LinearWeights", "PathPoint", "PathResult", "fit_l2_path",

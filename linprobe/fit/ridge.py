@@ -5,12 +5,12 @@ outputs. For an L2 strength the objective is
 
     f(W, b) = (1 / (2N)) * sum_i ||x_i @ W + b - y_i||^2 + (l2 / 2) * ||W||_F^2      (bias not penalised)
 
-the same conventions as the classification probes of :mod:`linprobe.solvers`: a mean data term plus ``l2 / 2``
-times the squared weights, the bias free, ``W`` (D, K) and ``b`` (K,) in a :class:`~linprobe.solvers.LinearWeights`
-(``predictions = X @ W + b``), the L2 path of :class:`~linprobe.solvers.FitSettings` walked from strong to weak and
+the same conventions as the classification probes of :mod:`linprobe.fit.solvers`: a mean data term plus ``l2 / 2``
+times the squared weights, the bias free, ``W`` (D, K) and ``b`` (K,) in a :class:`~linprobe.fit.solvers.LinearWeights`
+(``predictions = X @ W + b``), the L2 path of :class:`~linprobe.fit.solvers.FitSettings` walked from strong to weak and
 the L2 chosen on the validation split: the lowest valid mean squared error, ties to the larger L2. With
 ``patience=k`` a layer's path stops once its valid MSE has risen at ``k`` consecutive points (as in
-:func:`~linprobe.solvers.fit_paths`); ``patience=None`` chooses over the whole path.
+:func:`~linprobe.fit.solvers.fit_paths`); ``patience=None`` chooses over the whole path.
 
 Relation to scikit-learn: ``Ridge(alpha)`` minimises ``||y - X w - b||^2 + alpha * ||w||^2``; dividing by ``2N``
 gives ``f`` with ``l2 = alpha / N``, i.e. ``Ridge(alpha=N * l2)`` has the same minimiser (:func:`sklearn_alpha`).
@@ -53,7 +53,7 @@ import torch
 from torch import Tensor
 
 from linprobe import distributed
-from linprobe.solvers import FitResult, FitSettings, LinearWeights
+from linprobe.fit.solvers import FitResult, FitSettings, LinearWeights
 
 __all__ = ["RidgePath", "RidgePoint", "fit_ridge_paths", "regression_metrics", "ridge_objective", "sklearn_alpha"]
 
@@ -86,7 +86,7 @@ class RidgePoint:
 class RidgePath:
     """One layer's ridge probe: the chosen ``l2``, its ``weights`` (``X @ W + b``; W (D, K), b (K,), float32 on the
     features' device), every point of the path fitted (strong to weak) and the ``method`` used: ``"covariance"``,
-    ``"gram"`` or ``"cg"``. ``best`` and ``best_l2`` give the :class:`~linprobe.solvers.PathResult` view."""
+    ``"gram"`` or ``"cg"``. ``best`` and ``best_l2`` give the :class:`~linprobe.fit.solvers.PathResult` view."""
 
     l2: float
     weights: LinearWeights
@@ -112,7 +112,7 @@ class RidgePath:
 
     @property
     def best(self) -> FitResult:
-        """The chosen probe as a :class:`~linprobe.solvers.FitResult` (``loss``: its ``f``)."""
+        """The chosen probe as a :class:`~linprobe.fit.solvers.FitResult` (``loss``: its ``f``)."""
         p = self.point
         return FitResult(self.weights, self.l2, p.iterations, p.converged, p.train_loss)
 

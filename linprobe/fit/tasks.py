@@ -26,9 +26,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from linprobe.data import IGNORE, as_labels, tree_tensors
-from linprobe.inputs import Batch, Split
-from linprobe.results import MAIN
+from linprobe.data.datasets import IGNORE, as_labels, tree_tensors
+from linprobe.data.inputs import Batch, Split
+from linprobe.report.results import MAIN
 
 Kind = Literal["classes", "values"]
 _SPLITS = ("train", "valid", "test")
@@ -232,7 +232,7 @@ def _classes(name: str, given: Mapping[str, Tensor]) -> Targets:
         if missing:
             raise ValueError(f"task {name!r}: class(es) {missing} occur in the {split} split but not in train (which "
                              f"has {len(classes)} classes): a probe cannot learn them; use a stratified split "
-                             "(linprobe.data.stratified_split) with enough training samples for every class")
+                             "(linprobe.data.datasets.stratified_split) with enough training samples for every class")
         encoded[split] = torch.searchsorted(classes, y)
     return Targets(name, "classes", encoded, classes.tolist())
 

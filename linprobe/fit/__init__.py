@@ -1,0 +1,1 @@
+"""Fit: the probes, the batched solvers behind them, label sets, and what a fitted probe scores."""

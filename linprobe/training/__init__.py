@@ -1,0 +1,1 @@
+"""Probing during training: live probes, the Monitor, checkpoint sweeps and framework integrations."""
