@@ -23,7 +23,7 @@ from linprobe.data.datasets import (
     standard_splits,
     stratified_split,
 )
-from linprobe.data.datasets import datasets as data
+from linprobe.data import datasets as data
 from linprobe.data.inputs import Batch, InputSpec, Split
 
 IDX_CODES = {np.dtype(np.uint8): 0x08, np.dtype(">i4"): 0x0C}
