@@ -354,11 +354,11 @@ def _fit_all(cache: FeatureCache, tasks: list[Targets], has_test: bool, fit: Fit
     invalid = _invalid_layers(cache, splits)
     fitted: dict[str, dict[str, tuple[LinearProbe, dict[str, Evaluation]]]] = {t.name: {} for t in tasks}
     read_seconds = 0.0
-    names = _my_layers(cache, invalid, distribute)
+    batches = _my_batches(cache, invalid, distribute, len(full[MAIN]["train"]))
     quiet = not progress or distributed.rank() != 0
-    bar = tqdm(total=len(names) * len(fit.path) * len(tasks), desc="fit probes", unit="fit", disable=quiet,
-               leave=False)
-    for batch in _batches(cache, names, len(full[MAIN]["train"])):
+    bar = tqdm(total=sum(map(len, batches)) * len(fit.path) * len(tasks), desc="fit probes", unit="fit",
+               disable=quiet, leave=False)
+    for batch in batches:
         width = cache.layers[batch[0]]["features"]
         bar.set_postfix_str(f"{batch[0]}{f' and {len(batch) - 1} more' if len(batch) > 1 else ''} ({width} features)",
                             refresh=False)  # the layers being fitted, not only how many are done
@@ -431,13 +431,16 @@ def _rows(cache: FeatureCache, split: str) -> slice:
     return slice(share.start, share.stop)
 
 
-def _my_layers(cache: FeatureCache, invalid: Mapping[str, Any], distribute: str) -> list[str]:
-    """The valid layers this rank fits: all of them, or with ``distribute="layers"`` its share, balanced by width."""
-    names = [name for name in cache.manifest["order"] if name not in invalid]
+def _my_batches(cache: FeatureCache, invalid: Mapping[str, Any], distribute: str, rows: int) -> list[list[str]]:
+    """The batches of valid layers this rank fits: all of them, or with ``distribute="layers"`` its share of whole
+    batches, balanced by size. Whole batches, because a batched fit's last bits depend on its members: so each
+    rank fits exactly the batches one process would, and the result is the one-process result bit for bit."""
+    batches = _batches(cache, [name for name in cache.manifest["order"] if name not in invalid], rows)
     if distribute == "rows":
-        return names
-    owner = distributed.assign([cache.layers[name]["features"] for name in names], distributed.world_size())
-    return [name for name, r in zip(names, owner) if r == distributed.rank()]
+        return batches
+    costs = [sum(cache.layers[name]["features"] for name in batch) for batch in batches]
+    owner = distributed.assign(costs, distributed.world_size())
+    return [batch for batch, r in zip(batches, owner) if r == distributed.rank()]
 
 
 def _standardizer(raw: np.ndarray, sharded: bool, standardize: bool) -> Standardizer:

@@ -15,6 +15,7 @@ import csv
 import io
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import astuple, dataclass, fields
 from pathlib import Path
 
 import linprobe as lp
@@ -32,8 +33,6 @@ CLAIM = ("probes on layers with too many features overfit; reducing the features
 WIDE = 1000  # a layer wider than this is one that subset:1000 / project:1000 actually reduce
 REDUCTIONS = ("none", "pool", f"subset:{WIDE}", f"project:{WIDE}")
 SUBSET, POOL, PROJECT = REDUCTIONS[2], REDUCTIONS[1], REDUCTIONS[3]
-COLUMNS = ("reduction", "layer", "features_in", "features_out", "train_top1", "valid_top1", "gap", "gap_se",
-           "test_top1", "overfit")
 
 
 def folder(reduction: str) -> str:
@@ -111,7 +110,23 @@ def checks(train: Mapping[str, Mapping[str, float]], valid: Mapping[str, Mapping
     return found
 
 
-def combined_rows(results: Mapping[str, lp.ProbeResult], n_train: int, n_valid: int) -> list[dict[str, object]]:
+@dataclass(frozen=True)
+class Row:
+    """One reduction of one layer: its feature counts, its train / valid / test top-1 error and the gap's SE."""
+
+    reduction: str
+    layer: str
+    features_in: int
+    features_out: int
+    train_top1: float
+    valid_top1: float
+    gap: float
+    gap_se: float
+    test_top1: float
+    overfit: bool
+
+
+def combined_rows(results: Mapping[str, lp.ProbeResult], n_train: int, n_valid: int) -> list[Row]:
     """One row per reduction and layer (reductions in the order given, layers in execution order): features in and
     out, train / valid / test top-1 error, the gap valid - train with its SE, and whether the library flagged the
     probe as overfitting (``meta["overfit"]``: train <= 1% and valid at least 5 points worse, beyond noise)."""
@@ -123,28 +138,25 @@ def combined_rows(results: Mapping[str, lp.ProbeResult], n_train: int, n_valid: 
             if info.name not in valid:
                 continue  # a layer found invalid has no probe
             t, v = train[info.name], valid[info.name]
-            rows.append({"reduction": reduction, "layer": info.name, "features_in": info.features_in,
-                         "features_out": info.features_out, "train_top1": t, "valid_top1": v, "gap": v - t,
-                         "gap_se": gap_se(t, v, n_train, n_valid), "test_top1": test[info.name],
-                         "overfit": info.name in overfit})
+            rows.append(Row(reduction, info.name, info.features_in, info.features_out, t, v, v - t,
+                            gap_se(t, v, n_train, n_valid), test[info.name], info.name in overfit))
     return rows
 
 
-def write_tables(rows: Sequence[Mapping[str, object]], out: Path) -> str:
+def write_tables(rows: Sequence[Row], out: Path) -> str:
     """``reductions.csv`` (tidy, one row per reduction and layer) and ``reductions.md`` (grouped by layer); returns
     the markdown table."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(COLUMNS)
-    writer.writerows([format_value(v) if isinstance(v, float) else v for v in (r[c] for c in COLUMNS)] for r in rows)
+    writer.writerow(f.name for f in fields(Row))
+    writer.writerows([format_value(v) if isinstance(v, float) else v for v in astuple(r)] for r in rows)
     atomic_write_text(out / "reductions.csv", buf.getvalue())
-    order = list(dict.fromkeys(r["layer"] for r in rows))
+    order = list(dict.fromkeys(r.layer for r in rows))
     table = markdown_table(
         ["layer", "reduction", "features", "train top1", "valid top1", "gap (SE), points", "test top1", "overfit"],
-        [[str(r["layer"]), str(r["reduction"]), f"{r['features_in']}->{r['features_out']}", f"{r['train_top1']:.4f}",
-          f"{r['valid_top1']:.4f}", f"{100 * r['gap']:+.1f} ({100 * r['gap_se']:.1f})", f"{r['test_top1']:.4f}",
-          "yes" if r["overfit"] else ""]
-         for r in sorted(rows, key=lambda r: order.index(r["layer"]))])
+        [[r.layer, r.reduction, f"{r.features_in}->{r.features_out}", f"{r.train_top1:.4f}", f"{r.valid_top1:.4f}",
+          f"{100 * r.gap:+.1f} ({100 * r.gap_se:.1f})", f"{r.test_top1:.4f}", "yes" if r.overfit else ""]
+         for r in sorted(rows, key=lambda r: order.index(r.layer))])
     atomic_write_text(out / "reductions.md", table + "\n")
     return table
 
