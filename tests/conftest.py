@@ -1,10 +1,12 @@
 """Shared fixtures: small models and data that make tests fast and deterministic."""
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -12,6 +14,7 @@ from torch import nn
 from linprobe.data.datasets import ArrayDataset, load_digits, stratified_split
 from linprobe.experiments import reproduce
 from linprobe.experiments.report import Summary
+from linprobe.report.results import LayerInfo, ProbeResult
 
 
 @contextmanager
@@ -71,3 +74,24 @@ def small_net() -> SmallNet:
 def digits_splits() -> list[ArrayDataset]:
     """scikit-learn digits (1,797 real 8x8 images), stratified 60/20/20."""
     return stratified_split(load_digits(), [0.6, 0.2, 0.2], seed=0)
+
+
+def rippling_result(centres: dict[str, float], steps: list[int], *, n: int = 1000, first: float = 0.8,
+                    last: float = 0.1, chance: float = 0.9) -> ProbeResult:
+    """A made-up result on ``n`` test samples: each layer's error falls from ``first`` to ``last`` along a logistic
+    curve in log(1 + step) centred on ``log(1 + centres[layer])``, with per-sample predictions that give exactly
+    those errors (the first ``round(error * n)`` samples wrong), so the ripple's bootstrap has something to resample.
+    An ``"input"`` entry gets a flat error."""
+    result = ProbeResult([LayerInfo(name, (4,), 4, 4, {"kind": "none"}, chance) for name in centres])
+    targets = (np.arange(n) % 10).astype(np.int16)
+    result.meta["samples"] = {"test": n}
+    for step in steps:
+        result.predictions[f"{step}/main/test/:targets"] = targets
+        for name, centre in centres.items():
+            shift = math.log1p(step) - math.log1p(centre)
+            error = first if name == "input" else last + (first - last) / (1 + math.exp(4 * shift))
+            wrong = round(error * n)
+            result.predictions[f"{step}/main/test/{name}"] = np.where(np.arange(n) < wrong, (targets + 1) % 10,
+                                                                      targets).astype(np.int16)
+            result.add(step, name, "test", {"top1_error": wrong / n})
+    return result

@@ -1,9 +1,23 @@
 """Diagnostics: planted patterns in synthetic tables are named with their layers and steps; clean ones are not."""
 from __future__ import annotations
 
-import pytest
+import math
 
-from linprobe.report.diagnose import DeadSegment, GarbageForward, Kink, Lag, describe, diagnose
+import pytest
+import torch
+from conftest import rippling_result
+
+from linprobe.report.diagnose import (
+    DeadSegment,
+    GarbageForward,
+    Kink,
+    Lag,
+    describe,
+    diagnose,
+    halfway_steps,
+    rank_correlation,
+    ripple,
+)
 from linprobe.report.results import LayerInfo, ProbeResult
 
 CHANCE = 0.9
@@ -83,3 +97,55 @@ def test_a_difference_of_one_valid_sample_is_never_a_finding() -> None:
     assert diagnose(result, kink=0.01) == []
     result.meta["samples"]["valid"] = 20_000  # the same rates on 20,000 samples: far beyond noise
     assert [type(f).__name__ for f in diagnose(result, kink=0.01)] == ["Kink"]
+
+
+def test_halfway_steps_interpolate_on_log_steps() -> None:
+    steps = [0, 9, 99, 999]
+    errors = torch.tensor([[0.8, 0.9], [0.6, 0.9], [0.4, 0.9], [0.2, 0.3]], dtype=torch.float64)
+    times = halfway_steps(errors, steps)
+    # the first column's target 0.5 lies halfway from step 9 (0.6) to 99 (0.4): halfway in log(1 + step), 10^1.5 - 1;
+    # the second's, 0.6, halfway from step 99 (0.9) to 999 (0.3)
+    assert times.tolist() == pytest.approx([10 ** 1.5 - 1, 10 ** 2.5 - 1])
+    # a quarter of the way: 0.65, three quarters from step 0 (0.8) to 9 (0.6); 0.75, a quarter from 99 to 999
+    assert halfway_steps(errors, steps, 0.25).tolist() == pytest.approx([10 ** 0.75 - 1, 10 ** 2.25 - 1])
+    batch = halfway_steps(errors.expand(3, 4, 2), steps)
+    assert batch.shape == (3, 2) and torch.equal(batch[1], times)
+
+
+def test_rank_correlation_is_spearman_with_ties_averaged() -> None:
+    stats = pytest.importorskip("scipy.stats")
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randint(0, 5, (20, 9), generator=g).double(), torch.randint(0, 4, (20, 9), generator=g).double()
+    expected = [stats.spearmanr(a, b).statistic for a, b in zip(x.tolist(), y.tolist())]
+    assert rank_correlation(x, y).tolist() == pytest.approx(expected, nan_ok=True)
+    assert math.isnan(float(rank_correlation(torch.ones(5), torch.arange(5.0))))  # no order on one side
+
+
+STEPS = [0, 1, 3, 10, 30, 100, 300, 1000]
+
+
+def test_ripple_measures_the_order_and_its_uncertainty() -> None:
+    centres = {"input": 0.0, **{f"layer{k}": 5.0 * 1.2 ** k for k in range(1, 17)}}
+    measured = ripple(rippling_result(centres, STEPS), resamples=200)
+    assert measured.layers == tuple(f"layer{k}" for k in range(1, 17)) and measured.left_out == ("input",)
+    assert measured.rho == pytest.approx(1.0) and measured.interval is not None and measured.interval[0] > 0.9
+    # the logistic curve is halfway at its centre: interpolation on log steps finds it between the moments
+    assert measured.times == pytest.approx([centres[n] for n in measured.layers], rel=0.25)
+    lag, interval = measured.lag({f"layer{k}": k for k in range(1, 17)}, 4)
+    assert interval is not None and 0 < interval[0] <= lag <= interval[1]
+    assert "Spearman 1.00" in measured.describe() and "1 left out" in measured.describe()
+    reversed_ = ripple(rippling_result({f"layer{k}": 5.0 * 1.2 ** (17 - k) for k in range(1, 17)}, STEPS),
+                       resamples=200)
+    assert reversed_.rho == pytest.approx(-1.0) and reversed_.interval is not None and reversed_.interval[1] < 0
+
+
+def test_ripple_without_predictions_has_no_interval_and_needs_three_steps() -> None:
+    result = rippling_result({f"layer{k}": 10.0 * k for k in range(1, 5)}, STEPS)
+    result.predictions = {}
+    measured = ripple(result)
+    assert measured.interval is None and measured.replicates is None and "no interval" in measured.describe()
+    assert measured.lag({f"layer{k}": k for k in range(1, 5)}, 1)[1] is None
+    with pytest.raises(ValueError, match="three"):
+        ripple(rippling_result({"layer1": 1.0}, [0, 10]))
+    with pytest.raises(ValueError, match="fraction"):
+        ripple(result, fraction=1.0)

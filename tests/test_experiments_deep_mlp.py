@@ -74,6 +74,7 @@ def test_writes_results_figures_and_summary(quick_run: Run, variant: str) -> Non
     assert result.names == ["input", *(f"layer{k}" for k in range(every, QUICK.depth + 1, every))]
     text = (out / "summary.md").read_text()
     assert "## Checks" in text and "holds (core)" in text and "FAILS (core)" not in text
+    assert f"001 Fig. 4b (probe error beside the model's own): layer{QUICK.depth}'s probe" in text  # computed note
 
 
 def last_quarter(errors: dict[str, float]) -> float:

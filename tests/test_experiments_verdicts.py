@@ -3,12 +3,15 @@ it, or agree only in part (no training, no data)."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
+from conftest import rippling_result
 
-from linprobe.experiments import deep_mlp, inception, mnist_convnet, resnet, toy
+from linprobe.experiments import deep_mlp, inception, mnist_convnet, resnet, ripple, toy
 from linprobe.experiments.report import Check, Summary, compare, significant_steps, standard_error, verdict, with_se
 from linprobe.models import MNIST_CONVNET_PROBES
+from linprobe.report.results import LayerInfo, ProbeResult
 
 
 def test_standard_error_and_its_text() -> None:
@@ -155,3 +158,47 @@ def test_notes_are_computed_from_the_run() -> None:
                         "5000], so our last moment is later than the figure's")
     assert len(deep_mlp.run_notes(deep_mlp.FULL, variant="skip", data="mnist", n_train=3500, moments=[0, 2000],
                                   probes=129, quick=False)) == len(full)
+
+
+def test_ripple_verdicts() -> None:
+    settings = replace(ripple.FULL, resamples=200)
+    layers = [f"layer{k}" for k in range(4, 129, 4)]
+
+    def judge(centres: list[float]) -> str:
+        result = rippling_result({"input": 0.0, **dict(zip(layers, centres))}, list(settings.run.steps))
+        return verdict(ripple.checks(ripple.measure(result, settings, seed=0), settings))
+
+    rising = [3.0 * 1.15 ** k for k in range(len(layers))]  # each layer about 15% later than its parent
+    assert judge(rising) == "reproduced"
+    assert judge([30.0] * len(layers)) == "not"  # no lag: every layer at once
+    assert judge(rising[::-1]) == "not"  # reversed: the output end first
+    assert judge([rising[0] if k % 2 else rising[-1] for k in range(len(layers))]) == "not"  # no order with depth
+    steps = list(settings.run.steps)
+    flat = rippling_result({"layer4": 5.0, "layer8": 50.0}, steps, first=0.1, last=0.1)
+    [core, *_] = ripple.checks(ripple.measure(flat, settings, seed=0), settings)
+    assert not core.passed and "over 0 learning layers" in core.evidence  # nothing learned: nothing to order
+
+
+def _head_result(probe: dict[int, float], model: dict[int, float], layer: str = "layer64") -> ProbeResult:
+    """A result with the last layer's probe test error and the model's own at each step."""
+    result = ProbeResult([LayerInfo(layer, (64,), 64, 64, {"kind": "none"}, 0.9)],
+                         meta={"model_test_error": {str(s): e for s, e in model.items()}})
+    for step, error in probe.items():
+        result.add(step, layer, "test", {"top1_error": error})
+    return result
+
+
+def test_fig4b_note_compares_the_last_probe_with_the_model() -> None:
+    def note(probe: float, model: float) -> str:
+        [text] = deep_mlp.head_notes(_head_result({0: 0.88, 400: probe}, {0: 0.9, 400: model}), deep_mlp.QUICK,
+                                     n=1000, n_train=3500)
+        return text
+
+    agree = note(0.113, 0.125)
+    assert "layer64's probe sees exactly the input of the model's classifier head" in agree
+    assert "11.3% (SE 1.0) against the model's 12.5% (SE 1.0)" in agree and "difference -1.2 points" in agree
+    assert "they agree within 2 SE" in agree and "0: -2.0, 400: -1.2 points" in agree
+    assert "the head is not at its optimum" in note(0.08, 0.125)
+    assert "1,000 of the 3,500 training images" in note(0.17, 0.125)  # the probe's handicap
+    assert deep_mlp.head_notes(_head_result({400: 0.1}, {400: 0.1}, layer="layer8"), deep_mlp.QUICK, n=1000,
+                               n_train=3500) == []

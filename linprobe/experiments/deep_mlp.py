@@ -54,6 +54,7 @@ class Settings:
     probe_every: int
     probe_train: int
     l2_path: tuple[float, ...]
+    probe_bootstrap: bool = True  # bootstrap intervals of the probes' top-5 and cross-entropy (a third of a fit)
 
     @property
     def skip_to(self) -> int:
@@ -67,6 +68,12 @@ class Settings:
 QUICK = Settings(depth=64, width=64, lr=1e-4, steps=(0, 400), probe_every=8, probe_train=1000, l2_path=(1e-2, 1e-3))
 FULL = Settings(depth=128, width=128, lr=1e-5, steps=(0, 500, 5000), probe_every=1, probe_train=2000,
                 l2_path=(1e-2, 1e-3))
+
+
+def make_model(variant: str, settings: Settings, train: lp.ArrayDataset, *, seed: int) -> MLP:
+    """The deep MLP ``variant`` at ``settings``' size, sized to ``train``'s inputs and classes, seeded."""
+    return deep_mlp(variant=variant, depth=settings.depth, width=settings.width, in_features=train.x[0].numel(),
+                    num_classes=train.num_classes, aux_every=settings.aux_every, skip_to=settings.skip_to, seed=seed)
 
 
 def rmsprop(model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
@@ -164,7 +171,8 @@ def train_and_probe(model: MLP, splits: dict[str, lp.ArrayDataset], settings: Se
                     cache: Path, seed: int, progress: bool) -> lp.ProbeResult:
     """Train, stopping at each moment for exact probes on the frozen model; one table over the moments.
 
-    Probes train on a fixed seeded subset of the training split, choose their L2 on valid, report on test.
+    Probes train on a fixed seeded subset of the training split, choose their L2 on valid, report on test (with
+    bootstrap intervals of their other metrics when ``settings.probe_bootstrap``).
     The model's own test error at each moment goes to ``meta["model_test_error"]``, keyed by the step as text.
     """
     train, valid, test = splits["train"], splits["valid"], splits["test"]
@@ -177,7 +185,8 @@ def train_and_probe(model: MLP, splits: dict[str, lp.ArrayDataset], settings: Se
         train_minibatches(model, train, optimizer, count=step - done, seed=seed + step)
         done = step
         results.append(lp.probe(model, probe_train, valid, test, layers=layers, cache_dir=cache, reduce="none",
-                                l2_path=settings.l2_path, step=step, progress=progress, plot=False))
+                                l2_path=settings.l2_path, step=step, progress=progress, plot=False,
+                                bootstrap=settings.probe_bootstrap))
         model_errors[str(step)] = model_error(model, test)
     result = lp.ProbeResult.concat(results)
     result.meta["model_test_error"] = model_errors
@@ -198,18 +207,22 @@ def plot_moments(result: lp.ProbeResult, out: Path, variant: str) -> list[str]:
     return [p.name for p in [*paths, timeline["heatmap"], timeline["animation"]]]
 
 
+def moment_line(result: lp.ProbeResult, step: int, settings: Settings, n: int) -> str:
+    """One moment in words: the input's and the model's own test error with their SEs on ``n`` test images, and
+    the mean probe test error of each block of ``settings.aux_every`` layers."""
+    errors = result.errors("test", step=step)
+    blocks = block_means(errors, block=settings.aux_every, depth=settings.depth)
+    return (f"after {step} minibatches: input {with_se(errors['input'], n)}; layers "
+            + ", ".join(f"{k} {v:.0%}" for k, v in blocks.items())
+            + f"; the model's own test error {with_se(result.meta['model_test_error'][str(step)], n)}")
+
+
 def findings(result: lp.ProbeResult, settings: Settings, n: int) -> list[str]:
     """Per moment the input, each block of layers and the model's own error; then the ranges the claims are about
     with their standard errors on ``n`` test images, and the diagnostics (kinks, at noise level in so deep a
     stack, are left to ``diagnostics.md``)."""
     depth, skip = settings.depth, settings.skip_to
-    lines = []
-    for step in result.steps:
-        errors = result.errors("test", step=step)
-        blocks = block_means(errors, block=settings.aux_every, depth=depth)
-        lines.append(f"after {step} minibatches: input {with_se(errors['input'], n)}; layers "
-                     + ", ".join(f"{k} {v:.0%}" for k, v in blocks.items())
-                     + f"; the model's own test error {with_se(result.meta['model_test_error'][str(step)], n)}")
+    lines = [moment_line(result, step, settings, n) for step in result.steps]
     last = result.errors("test")
     lines.append(f"after {result.steps[-1]} minibatches: layers 1-{skip - 1} "
                  f"{with_se(range_mean(last, 1, skip - 1), n)}, {skip}-{depth} "
@@ -262,6 +275,37 @@ def run_notes(settings: Settings, *, variant: str, data: str, n_train: int, mome
                 f"lr {settings.lr:g}")] if quick else [])]
 
 
+def head_notes(result: lp.ProbeResult, settings: Settings, *, n: int, n_train: int) -> list[str]:
+    """001 Fig. 4b (probe error beside the model's own) from the run: the last layer's probe reads exactly the
+    features the classifier head reads, so the two are linear classifiers on one input and their test errors (rates
+    on ``n`` test images) should be close. Judged at the last moment, two SEs of the difference; what a gap means
+    depends on its side. No note when the last layer was not probed."""
+    last = f"layer{settings.depth}"
+    moments = [s for s in result.steps if last in result.errors("test", step=s)]
+    if not moments:
+        return []
+    probe = {s: result.errors("test", step=s)[last] for s in moments}
+    model = {s: result.meta["model_test_error"][str(s)] for s in moments}
+    step = moments[-1]
+    p, m = probe[step], model[step]
+    margin = 2 * math.hypot(standard_error(p, n), standard_error(m, n))
+    meaning = {
+        0: ("they agree within 2 SE: the head the model trained by SGD reads its last layer about as well as a linear "
+            "read-out refitted to convergence (convex, its L2 chosen on valid) can, so it is near its optimum"),
+        -1: ("the probe is below the model beyond 2 SE: refitted to convergence (convex, its L2 chosen on valid), it "
+             "reads the last layer better than the head trained by SGD, so the head is not at its optimum and the "
+             "model's error overstates what its last layer holds"),
+        1: (f"the probe is above the model beyond 2 SE: it trained on {min(settings.probe_train, n_train):,} of the "
+            f"{n_train:,} training images with its L2 from a {len(settings.l2_path)}-point path, the head on all of "
+            "them, so the gap measures the probe's handicap rather than the layer or the head"),
+    }[compare(m, p, n)]
+    return [(f"001 Fig. 4b (probe error beside the model's own): {last}'s probe sees exactly the input of the model's "
+             f"classifier head; after {step} minibatches its test error is {with_se(p, n)} against the model's "
+             f"{with_se(m, n)} (difference {100 * (p - m):+.1f} points, 2 SE of it {100 * margin:.1f}, unpaired and "
+             f"so conservative: both are scored on the same {n:,} images): {meaning}; probe minus model per moment: "
+             + ", ".join(f"{s}: {100 * (probe[s] - model[s]):+.1f}" for s in moments) + " points")]
+
+
 def run(out: Path, *, quick: bool = False, data: str = "mnist", seed: int = 0, progress: bool = True,
         variant: str = "plain", steps: list[int] | None = None) -> Summary:
     """Train the deep MLP ``variant`` with RMSProp, probing the input and its layers at each of ``steps``."""
@@ -271,8 +315,7 @@ def run(out: Path, *, quick: bool = False, data: str = "mnist", seed: int = 0, p
     moments = sorted(set(steps if steps is not None else settings.steps))
     splits = lp.standard_splits(data, seed=seed)
     train = splits["train"]
-    model = deep_mlp(variant=variant, depth=settings.depth, width=settings.width, in_features=train.x[0].numel(),
-                     num_classes=train.num_classes, aux_every=settings.aux_every, skip_to=settings.skip_to, seed=seed)
+    model = make_model(variant, settings, train, seed=seed)
     result = train_and_probe(model, splits, settings, moments=moments, cache=out / "cache", seed=seed,
                              progress=progress)
     result.save(out)
@@ -282,7 +325,7 @@ def run(out: Path, *, quick: bool = False, data: str = "mnist", seed: int = 0, p
                     result.meta["model_test_error"][str(moments[-1])], chance=result.chance_error, n=n,
                     settings=settings)
     notes = run_notes(settings, variant=variant, data=data, n_train=len(train), moments=moments,
-                      probes=len(result.names), quick=quick)
+                      probes=len(result.names), quick=quick) + head_notes(result, settings, n=n, n_train=len(train))
     return Summary(f"deep-mlp ({variant})", CLAIMS[variant], findings(result, settings, n), judged,
                    settings={"data": data, "variant": variant, **described(settings, variant, splits, moments),
                              "seed": seed},

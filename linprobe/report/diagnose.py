@@ -14,14 +14,24 @@ of evaluated samples (``meta["samples"]``), so a "kink" of one valid image is ne
 - **lag** (001 Fig. 9, the ripple from left to right): a layer still worse than the best layer before
   it at some step, that catches up by the last step.
 - **kink** (002 Fig. 5): a layer worse than both neighbours.
+
+``ripple(result)`` measures the ripple rather than flagging it, from many steps: per layer the step at which its
+error has fallen a fraction (half) of the way from its first to its last value, the rank correlation of that step
+with depth, and bootstrap intervals from the per-sample predictions (002 Sec. 3.4: "the prediction error goes down
+for a parent layer before it comes down for a layer itself").
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
+import torch
+from torch import Tensor
+
 from linprobe.capture.taps import INPUT
-from linprobe.fit.uncertainty import differs_beyond_noise
+from linprobe.fit.uncertainty import differs_beyond_noise, resample_weights
 from linprobe.report.results import ProbeResult
 
 Beyond = Callable[[float, float, float], bool]
@@ -137,6 +147,153 @@ def diagnose(result: ProbeResult, *, split: str = "valid", metric: str = "top1_e
     findings += [Kink(names[i], s, rise) for s in steps
                  for i, rise in _kinks(list(grid[s].values()), kink * chance, beyond)]
     return findings
+
+
+@dataclass(frozen=True, eq=False)
+class Ripple:
+    """When each learning layer's error had fallen ``fraction`` of the way from its first to its last value.
+
+    ``times`` are those steps for ``layers`` (execution order), interpolated on log(1 + step); ``replicates`` the same
+    in each bootstrap resample of the split's samples, (resamples, layers), None without per-sample predictions;
+    ``rho`` the Spearman correlation of the times with the layers' order (1: every layer after its parent), with its
+    percentile ``interval`` at ``level``; ``left_out`` the layers that did not learn (or were not measured throughout).
+    """
+
+    fraction: float
+    steps: tuple[int, ...]
+    layers: tuple[str, ...]
+    times: tuple[float, ...]
+    replicates: Tensor | None
+    rho: float
+    interval: tuple[float, float] | None
+    left_out: tuple[str, ...]
+    samples: int | None
+    level: float = 0.95
+
+    def lag(self, depth: Mapping[str, int], span: int) -> tuple[float, tuple[float, float] | None]:
+        """The median over layer pairs ``span`` apart in ``depth`` of how many steps later the deeper one got there,
+        with its bootstrap interval (None without replicates); NaN when no such pair learned."""
+        pairs = [(i, j) for i, a in enumerate(self.layers) for j, b in enumerate(self.layers)
+                 if depth[b] - depth[a] == span]
+        if not pairs:
+            return math.nan, None
+        upper, lower = (torch.tensor(index) for index in zip(*pairs))
+        times = torch.tensor(self.times, dtype=torch.float64)
+        point = float((times[lower] - times[upper]).quantile(0.5))
+        if self.replicates is None:
+            return point, None
+        lags = (self.replicates[:, lower] - self.replicates[:, upper]).quantile(0.5, dim=1)
+        return point, _percentiles(lags, self.level)
+
+    def intervals(self) -> list[tuple[float, float]] | None:
+        """Each layer's time's percentile interval at ``level`` over the replicates (None without them)."""
+        if self.replicates is None:
+            return None
+        lo, hi = _bounds(self.replicates, self.level, dim=0).tolist()
+        return list(zip(lo, hi))
+
+    def describe(self) -> str:
+        where = (f", {self.level:.0%} interval {self.interval[0]:.2f} to {self.interval[1]:.2f} (bootstrap of "
+                 f"{len(self.replicates)} resamples of the {self.samples} samples)"
+                 if self.interval is not None and self.replicates is not None else ", no interval (no predictions)")
+        ends = (f"; {self.layers[0]} at step {self.times[0]:.3g}, {self.layers[-1]} at step {self.times[-1]:.3g}"
+                if self.layers else "")
+        return (f"ripple: the step at which each of {len(self.layers)} layers had fallen {self.fraction:.0%} of the "
+                f"way from its first to its last error follows depth with Spearman {self.rho:.2f}{where}{ends}"
+                + (f" ({len(self.left_out)} left out, not learning)" if self.left_out else ""))
+
+
+def ripple(result: ProbeResult, *, split: str = "test", fraction: float = 0.5, learn: float = 0.05,
+           level: float = 0.95, resamples: int = 1000, seed: int = 0) -> Ripple:
+    """Measure the ripple on top-1 error on ``split``: per layer the step at which it had fallen ``fraction`` of the
+    way from its first to its last error, and how that step follows the layers' order.
+
+    Only layers whose error fell by ``learn`` times chance, and beyond noise at ``level``, count: a layer that barely
+    moves has a halfway step of noise. Intervals come from resampling the split's samples (the same draw for every
+    layer and step, so the layers' shared samples stay shared) through the result's per-sample predictions.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"fraction must lie strictly between 0 and 1, got {fraction}")
+    steps = result.steps
+    if len(steps) < 3:
+        raise ValueError(f"a ripple needs at least three measured steps (first, middle, last), got {steps}")
+    grid = [result.errors(split, step=s) for s in steps]
+    names = [n for n in result.names if all(n in g for g in grid)]
+    n = samples(result, split)
+    learned = [name for name in names if _learned(grid[0][name], grid[-1][name], learn * result.chance_error, n,
+                                                  level)]
+    errors = torch.tensor([[g[name] for name in learned] for g in grid], dtype=torch.float64)
+    times = halfway_steps(errors, steps, fraction)
+    replicates = _replicate_errors(result, split, steps, learned, resamples, seed)
+    replicate_times = None if replicates is None else halfway_steps(replicates, steps, fraction)
+    order = torch.tensor([names.index(name) for name in learned], dtype=torch.float64)
+    rho = float(rank_correlation(times, order))
+    interval = (None if replicate_times is None
+                else _percentiles(rank_correlation(replicate_times, order.expand_as(replicate_times)), level))
+    return Ripple(fraction, tuple(steps), tuple(learned), tuple(times.tolist()), replicate_times, rho, interval,
+                  tuple(name for name in result.names if name not in learned), n, level)
+
+
+def halfway_steps(errors: Tensor, steps: Sequence[int], fraction: float = 0.5) -> Tensor:
+    """The step at which each column of ``errors`` (..., steps, layers) first reached ``fraction`` of the way from
+    its first to its last value, interpolated linearly on log(1 + step) between the two measured steps around it, so
+    log-spaced moments weigh alike; (..., layers). A column that never falls that far gets the last step."""
+    t = torch.log1p(torch.tensor(steps, dtype=torch.float64))
+    target = errors[..., :1, :] - fraction * (errors[..., :1, :] - errors[..., -1:, :])
+    reached = errors[..., 1:, :] <= target
+    reached[..., -1, :] = True
+    at = reached.to(torch.int8).argmax(dim=-2, keepdim=True) + 1  # the first step at or below the target
+    before, after = errors.gather(-2, at - 1), errors.gather(-2, at)
+    share = ((before - target) / (before - after).clamp_min(1e-12)).clamp(0.0, 1.0)
+    return torch.expm1(t[at - 1] + share * (t[at] - t[at - 1])).squeeze(-2)
+
+
+def rank_correlation(x: Tensor, y: Tensor) -> Tensor:
+    """Spearman's correlation along the last axis (ties get their average rank), vectorised over the others so a
+    bootstrap's replicates go at once; NaN where either side is constant."""
+    rx, ry = _ranks(x), _ranks(y)
+    rx, ry = rx - rx.mean(-1, keepdim=True), ry - ry.mean(-1, keepdim=True)
+    return (rx * ry).sum(-1) / (rx.square().sum(-1) * ry.square().sum(-1)).sqrt()
+
+
+def _ranks(x: Tensor) -> Tensor:
+    """1-based ranks along the last axis, ties averaged: below plus (equal + 1) / 2."""
+    below = (x.unsqueeze(-2) < x.unsqueeze(-1)).sum(-1)
+    equal = (x.unsqueeze(-2) == x.unsqueeze(-1)).sum(-1)
+    return below.double() + (equal.double() + 1.0) / 2.0
+
+
+def _learned(first: float, last: float, threshold: float, n: int | None, level: float) -> bool:
+    """Whether the error fell from ``first`` to ``last`` by ``threshold`` and beyond noise (when ``n`` is known)."""
+    return first - last >= threshold and (n is None or differs_beyond_noise(first, last, n, level))
+
+
+def _replicate_errors(result: ProbeResult, split: str, steps: Sequence[int], layers: Sequence[str], resamples: int,
+                      seed: int) -> Tensor | None:
+    """Top-1 errors (resamples, steps, layers) in seeded bootstrap resamples of ``split``'s samples, one draw for all;
+    None when the result lacks a layer's predictions at some step (or there is no layer)."""
+    if not layers:
+        return None
+    try:
+        correct = np.stack([[result.correct(name, split, step) for name in layers] for step in steps])
+    except KeyError:
+        return None
+    wrong = torch.from_numpy(~correct).double().reshape(len(steps) * len(layers), -1)
+    n = wrong.shape[1]
+    counts = [w @ wrong.T / n for w in resample_weights(n, resamples, seed)]
+    return torch.cat(counts).reshape(resamples, len(steps), len(layers))
+
+
+def _percentiles(values: Tensor, level: float) -> tuple[float, float]:
+    """The central ``level`` percentile interval of ``values``, NaNs skipped."""
+    lo, hi = _bounds(values, level, dim=0).tolist()
+    return lo, hi
+
+
+def _bounds(values: Tensor, level: float, *, dim: int) -> Tensor:
+    """The central ``level`` percentile interval's two ends along ``dim`` (first dimension of the answer), NaNs
+    skipped."""
+    return torch.nanquantile(values, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=values.dtype), dim=dim)
 
 
 def samples(result: ProbeResult, split: str) -> int | None:

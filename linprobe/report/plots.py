@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from itertools import pairwise
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -12,6 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 if TYPE_CHECKING:
+    from linprobe.report.diagnose import Ripple
     from linprobe.report.results import ProbeResult
 
 # probe error from good to bad: blue, green, yellow, red (001 Fig. 5, 9); shared by every coloured figure
@@ -175,3 +177,26 @@ def plot_error_by_depth(result: ProbeResult, path: str | Path | None = None, *, 
     ax.set_title(title or f"probe {split} error per layer")
     ax.legend(loc="upper right")
     return save_figure(fig, path) if path is not None else fig
+
+
+def plot_halfway(ripple: Ripple, path: str | Path, *, depth: Mapping[str, int] | None = None, title: str = "") -> Path:
+    """The step at which each learning layer was ``ripple.fraction`` of the way down (log scale, linear below 1)
+    against its ``depth`` (default: its position), with its bootstrap interval, the measured steps as faint lines: a
+    ripple from input to output is a rising band (002 Sec. 3.4)."""
+    x = [depth[n] if depth is not None else k for k, n in enumerate(ripple.layers)]
+    fig, ax = plt.subplots(figsize=(10, 4))
+    for step in ripple.steps:
+        ax.axhline(step, color="0.9", linewidth=0.8, zorder=0)
+    intervals = ripple.intervals()
+    if intervals is not None:
+        ax.errorbar(x, ripple.times, yerr=[[t - lo for t, (lo, _) in zip(ripple.times, intervals)],
+                                           [hi - t for t, (_, hi) in zip(ripple.times, intervals)]],
+                    fmt="none", ecolor="tab:blue", alpha=0.4, label=f"{ripple.level:.0%} bootstrap interval")
+    ax.plot(x, ripple.times, "o", color="tab:blue", markersize=3, label=f"{ripple.fraction:.0%} of the way down")
+    ax.set_yscale("symlog", linthresh=1.0)
+    ax.set_xlabel("layer (depth)")
+    ax.set_ylabel("step (minibatches)")
+    ax.set_title(title or f"the step at which each layer was {ripple.fraction:.0%} of the way from its first to "
+                          f"its last error (Spearman with depth {ripple.rho:.2f})", fontsize=9)
+    ax.legend(loc="upper left", fontsize=8)
+    return save_figure(fig, path)
