@@ -9,9 +9,12 @@ import pytest
 import torch
 
 import linprobe as lp
-from linprobe.experiments import reproduce
+from linprobe.experiments import diagram, reproduce
+from linprobe.experiments.report import verdict
 from linprobe.models import MNIST_CONVNET_PROBES, inception_layout, mnist_convnet, small_inception
-from linprobe.report.diagram import GAP, draw_model, elide, model_layers, split_layout
+from linprobe.report.diagram import GAP, draw_model, elide, model_figure, model_layers, probe_colours, split_layout
+from linprobe.report.plots import probe_colour
+from linprobe.report.results import LayerInfo
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 NAMES = ["input", "conv", "relu", "fc"]
@@ -86,9 +89,21 @@ def test_model_layers_are_the_top_level_modules_in_execution_order() -> None:
     assert {"flatten", "dropout"} <= set(names)
 
 
+def test_probes_are_drawn_in_the_colour_of_their_error_on_the_one_scale() -> None:
+    errors = {"input": 0.05, "conv": 0.45, "aux": 0.9}
+    fig = model_figure([*NAMES, "head"], errors=errors, probed=["input", "conv", "relu", "aux"],
+                       branches={"conv": ["aux"]}, chance=0.9)
+    drawn = probe_colours(fig)
+    assert list(drawn) == ["input", "conv", "relu", "aux"]  # one circle per probe, main path then branch
+    assert {n: drawn[n] for n in errors} == {n: probe_colour(e, 0.9) for n, e in errors.items()}
+    assert drawn["relu"] == (1.0, 1.0, 1.0, 1.0)  # probed, no error fed: white
+    assert drawn["aux"] == probe_colour(0.9, 0.9) == probe_colour(1.0, 0.9)  # chance and worse: the same red
+
+
 def test_diagram_experiment_draws_every_paper_model(tmp_path: Path) -> None:
     summary = reproduce("diagram", tmp_path, quick=True, progress=False)
-    layouts = json.loads((tmp_path / "results.json").read_text())["meta"]["diagrams"]
+    meta = json.loads((tmp_path / "results.json").read_text())["meta"]
+    layouts = meta["diagrams"]
     assert set(layouts) == {"mnist_convnet", "deep_mlp_skip", "small_resnet", "small_inception"}
     for name in layouts:
         assert _is_png(tmp_path / f"{name}.png"), name
@@ -97,5 +112,72 @@ def test_diagram_experiment_draws_every_paper_model(tmp_path: Path) -> None:
     mlp = layouts["deep_mlp_skip"]
     assert GAP in mlp["names"] and mlp["skips"] == {"input": "layer64"} and "layer64" in mlp["probed"]
     assert layouts["small_resnet"]["shapes"]["add_16"] == [256, 2, 2]
-    assert lp.ProbeResult.load(tmp_path).rows == []  # nothing is measured
-    assert summary.verdict is None and summary.checks == [] and (tmp_path / "summary.md").is_file()
+    assert lp.ProbeResult.load(tmp_path).rows == []  # results.csv holds no rows: the numbers are the sources'
+    assert summary.checks and summary.verdict in ("reproduced", "partly", "not")
+    assert (tmp_path / "summary.md").is_file() and "wall time" in (tmp_path / "summary.md").read_text()
+    _check_coloured(tmp_path, meta["coloured"], summary.figures)
+
+
+def _check_coloured(out: Path, coloured: dict, figures: list[str]) -> None:
+    """Each coloured diagram: written, listed, fed its source's test errors, drawn in probe_colour of them, one
+    probe per drawn layer the source measured."""
+    sources = {v: lp.ProbeResult.load(diagram.RESULTS / folder) for v, folder in diagram.SOURCES.items()}
+    assert set(coloured) == {f"deep_mlp_{v}_step{s}.png" for v, r in sources.items() for s in r.steps}
+    for name, record in coloured.items():
+        source, layout = sources[record["variant"]], record["layout"]
+        assert _is_png(out / name) and name in figures
+        fed = source.errors("test", step=record["step"])
+        assert record["errors"] == {n: pytest.approx(fed[n]) for n in layout["probed"]}
+        assert record["chance"] == source.chance_error
+        assert list(record["colours"]) == layout["probed"]
+        for layer, colour in record["colours"].items():
+            assert tuple(colour) == probe_colour(fed[layer], source.chance_error), (name, layer)
+    skip = coloured["deep_mlp_skip_step5000.png"]["layout"]
+    assert skip["skips"] == {"input": "layer64"} and {"layer63", "layer64", "layer65"} <= set(skip["probed"])
+    assert len(skip["probed"]) == 1 + 1 + 16 + 2  # input, layer1, every 8th to 128, layers 63 and 65
+    aux = coloured["deep_mlp_aux_step5000.png"]["layout"]
+    assert aux["branches"] == {f"layer{k}": [f"aux_heads.layer{k}"] for k in range(16, 128, 16)}
+    assert not set(aux["probed"]) & {h for b in aux["branches"].values() for h in b}  # guides carry no probe
+
+
+def _deep_mlp(errors: dict[int, list[float]], *, depth: int = 16, model: float = 0.1) -> lp.ProbeResult:
+    """A made-up deep-mlp run: per step the test error of the input and each layer, the model's own error."""
+    names = ["input", *(f"layer{k}" for k in range(1, depth + 1))]
+    shapes = {n: (1, 28, 28) if n == "input" else (16,) for n in names}
+    result = lp.ProbeResult([LayerInfo(n, shapes[n], math.prod(shapes[n]), math.prod(shapes[n]), {"kind": "none"},
+                                       0.9) for n in names])
+    for step, values in errors.items():
+        for name, value in zip(names, values):
+            result.add(step, name, "test", {"top1_error": value})
+    result.meta["model_test_error"] = {str(s): model for s in errors}
+    return result
+
+
+def test_diagnosis_checks_judge_the_numbers_the_diagrams_show() -> None:
+    n = 1000
+    dead = [0.1] + [0.6] * 7 + [0.1] * 9  # layers 1-7 useless, 8-16 (from the skip into layer 8) learned
+    untrained = [0.1] + [0.5] * 7 + [0.2] + [0.5] * 8
+    assert verdict(diagram.diagnosis_checks("skip", _deep_mlp({0: untrained, 500: dead}), n=n)) == "reproduced"
+    alive = [0.1] * 17  # contradicting: every layer learned, no dead segment
+    judged = diagram.diagnosis_checks("skip", _deep_mlp({0: untrained, 500: alive}), n=n)
+    assert verdict(judged) == "not" and judged[0].claim.startswith("skip: ")
+    guided = [0.1] * 17
+    assert verdict(diagram.diagnosis_checks("aux", _deep_mlp({0: [0.9] * 17, 500: guided}), n=n)) == "reproduced"
+    stuck = [0.1] + [0.3] * 12 + [0.85] * 4  # contradicting: the last quarter stays useless
+    assert verdict(diagram.diagnosis_checks("aux", _deep_mlp({0: [0.9] * 17, 500: stuck}, model=0.85), n=n)) == "not"
+
+
+def test_coloured_layout_of_a_made_up_run_draws_a_probe_on_each_kept_layer() -> None:
+    run = _deep_mlp({0: [0.5] * 33}, depth=32)
+    skip = diagram.coloured_layout("skip", run)
+    assert skip["skips"] == {"input": "layer16"} and skip["names"][-1] == "classifier"
+    assert skip["probed"] == [n for n in skip["names"] if n not in (GAP, "classifier")]
+    assert {"layer15", "layer16", "layer17", "layer32"} <= set(skip["probed"])
+    aux = diagram.coloured_layout("aux", run)
+    assert aux["branches"] == {f"layer{k}": [f"aux_heads.layer{k}"] for k in range(4, 32, 4)}
+    assert aux["shapes"]["aux_heads.layer4"] == [10]
+
+
+def test_a_missing_source_says_how_to_make_it(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="reproduce deep-mlp --variant skip"):
+        reproduce("diagram", tmp_path / "out", quick=True, progress=False, results_from=tmp_path)

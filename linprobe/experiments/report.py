@@ -6,8 +6,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from linprobe.atomic import atomic_write_text
 from linprobe.data.datasets import require_extra
+from linprobe.fit.uncertainty import resample_weights
 
 SIGNIFICANT = 2.0  # a difference between two errors counts only beyond this many standard errors of it
 VERDICTS = ("reproduced", "partly", "not")
@@ -128,3 +131,71 @@ def depth_trend(errors: dict[str, float], n: int) -> tuple[float, list[tuple[str
     stats = require_extra("scipy.stats", "experiments", "the experiments' rank correlation")
     rho = float(stats.spearmanr(range(len(errors)), list(errors.values())).statistic)
     return rho, significant_steps(errors, n)
+
+
+TREND_LEVEL = 0.95  # the depth trend's bootstrap interval covers this much
+TREND_SAMPLES = 1000  # bootstrap replicates of the evaluated samples behind that interval
+
+
+def depth_trend_interval(wrong: np.ndarray, *, level: float = TREND_LEVEL, samples: int = TREND_SAMPLES,
+                         seed: int = 0) -> tuple[float, float]:
+    """A percentile bootstrap interval of the Spearman correlation of error with depth (see :func:`depth_trend`).
+
+    ``wrong`` is ``(n, L)``: whether each of L probes (in depth order) got each of the same n evaluated samples
+    wrong. Each replicate resamples the n samples (rows) with replacement, so all L errors move together as they
+    do on one evaluation set, and ranks the L errors (ties averaged). The interval says how far the trend could
+    move on another draw of n samples; it says nothing about the training run's own randomness (one seed)."""
+    wrong = np.asarray(wrong, dtype=np.float64)
+    if wrong.ndim != 2 or wrong.shape[0] < 1 or wrong.shape[1] < 3:
+        raise ValueError(f"wrong must be (n samples, at least 3 probes), got shape {wrong.shape}")
+    stats = require_extra("scipy.stats", "experiments", "the experiments' rank correlation")
+    rhos = []
+    for weights in resample_weights(wrong.shape[0], samples, seed=seed):
+        errors = weights.numpy() @ wrong  # (b, L) wrong counts: the same resample for every probe
+        rhos.append(_rank_correlation(stats.rankdata(errors, axis=1)))
+    found = np.concatenate(rhos)
+    found = found[np.isfinite(found)]  # a replicate with every error tied has no rank correlation
+    if not found.size:
+        return math.nan, math.nan
+    lo, hi = np.quantile(found, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
+def _rank_correlation(ranks: np.ndarray) -> np.ndarray:
+    """Pearson correlation of each row of ``ranks`` with the positions 0..L-1: Spearman's rho when the rows are
+    (tie-averaged) ranks; NaN for a row whose ranks are all equal."""
+    position = np.arange(ranks.shape[1], dtype=np.float64)
+    position -= position.mean()
+    centred = ranks - ranks.mean(axis=1, keepdims=True)
+    scale = np.sqrt((centred ** 2).sum(axis=1) * (position ** 2).sum())
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out: np.ndarray = (centred @ position) / scale
+    return out
+
+
+def trend_text(rho: float, interval: tuple[float, float], *, level: float = TREND_LEVEL) -> str:
+    """A Spearman correlation with its interval, e.g. ``"-0.97 (95% -0.99 to -0.93)"``."""
+    return f"{rho:.2f} ({level:.0%} {interval[0]:.2f} to {interval[1]:.2f})"
+
+
+def difference_with_se(a: float, b: float, n: int) -> str:
+    """``a - b`` of two error rates on ``n`` samples in points with the SE of the difference (as :func:`compare`
+    takes it: independent), e.g. ``"-1.2% (SE 0.6)"``."""
+    se = 100 * math.hypot(standard_error(a, n), standard_error(b, n))
+    return f"{a - b:+.1%} (SE {se:.1f})"
+
+
+def summary_settings(path: Path) -> dict[str, str]:
+    """The ``## Settings`` list of a ``summary.md`` that :meth:`Summary.markdown` wrote, as text, wall time
+    included: what another experiment's committed run says it used, for a summary that builds on its numbers."""
+    lines = path.read_text().splitlines()
+    if "## Settings" not in lines:
+        raise ValueError(f"{path} has no '## Settings' section: not a summary.md that Summary.markdown wrote")
+    found: dict[str, str] = {}
+    for line in lines[lines.index("## Settings") + 1:]:
+        if line.startswith(("## ", "![", "|")):
+            break
+        if line.startswith("- ") and ": " in line:
+            key, value = line[2:].split(": ", 1)
+            found[key] = value
+    return found

@@ -15,15 +15,16 @@ from typing import TYPE_CHECKING, cast
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.patches import Circle, FancyArrowPatch, Polygon, Rectangle  # noqa: E402
-from torch import nn  # noqa: E402
+import matplotlib.pyplot as plt
+from matplotlib.patches import Circle, FancyArrowPatch, Polygon, Rectangle
+from torch import nn
 
-from linprobe.capture.taps import layer_names  # noqa: E402
-from linprobe.report.plots import ERROR_CMAP, error_norm, probe_colour, save_figure  # noqa: E402
+from linprobe.capture.taps import layer_names
+from linprobe.report.plots import ERROR_CMAP, error_norm, probe_colour, save_figure
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 GAP = "..."  # a name standing for layers left out of the picture; drawn as an ellipsis, never probed
 
@@ -32,6 +33,8 @@ _BOX_W, _BOX_H = 0.7, 2.6
 _PROBE_R = 0.46
 _STEM = 2.0  # length of the wire from a layer to its probe
 _BRANCH_DROP = 5.2  # how far below the main path an auxiliary branch runs
+_ARC = 0.35  # how far a skip's arc bends, as arc3's rad
+_BRANCH_FILL = "#fdd0a2"  # light orange: 002 Fig. 6 draws what is added to help training in orange
 
 
 def draw_model(names: Sequence[str], path: str | Path, *, errors: Mapping[str, float] | None = None,
@@ -41,12 +44,22 @@ def draw_model(names: Sequence[str], path: str | Path, *, errors: Mapping[str, f
     """Draw ``names`` (the main path, in execution order; ``GAP`` for left-out layers) as boxes with a
     probe behind a diode on every ``probed`` layer (default: all), and save a PNG to ``path``.
 
-    ``branches`` maps a main-path layer to the layers of an auxiliary branch leaving it (drawn below),
-    ``skips`` a layer to a later one it also feeds (an arc below the path), ``shapes`` a layer to its
-    output shape (printed in the box). ``errors`` colours probes on one absolute scale from 0 (blue) to
-    ``chance`` (red: no better than a guess), the same in every diagram and heatmap, so ``chance`` is required
-    with them.
+    ``branches`` maps a main-path layer to the layers of an auxiliary branch leaving it (drawn below, in orange
+    as 002 Fig. 6 draws the components added to help training), ``skips`` a layer to a later one it also feeds
+    (an arc below the path), ``shapes`` a layer to its output shape (printed in the box). ``errors`` colours
+    probes on one absolute scale from 0 (blue) to ``chance`` (red: no better than a guess), the same in every
+    diagram and heatmap, so ``chance`` is required with them. :func:`model_figure` gives the figure unsaved.
     """
+    return save_figure(model_figure(names, errors=errors, probed=probed, branches=branches, skips=skips,
+                                    shapes=shapes, chance=chance, title=title), path)
+
+
+def model_figure(names: Sequence[str], *, errors: Mapping[str, float] | None = None,
+                 probed: Collection[str] | None = None, branches: Mapping[str, Sequence[str]] | None = None,
+                 skips: Mapping[str, str] | None = None, shapes: Mapping[str, Sequence[int]] | None = None,
+                 chance: float | None = None, title: str = "") -> Figure:
+    """The figure :func:`draw_model` saves (same arguments, no path): each probe a circle whose ``gid`` is its
+    layer's name, so :func:`probe_colours` can read back what was drawn."""
     branches, skips, shapes = {k: list(v) for k, v in (branches or {}).items()}, skips or {}, shapes or {}
     layers = _check_layout(names, branches)
     probed = set(layers) if probed is None else set(probed)
@@ -70,17 +83,38 @@ def draw_model(names: Sequence[str], path: str | Path, *, errors: Mapping[str, f
         x, y = positions[name]
         up = y == 0  # main-path probes above the path, branch probes below their branch
         color = probe_colour(errors[name], cast(float, chance)) if name in errors else "white"  # set with errors
-        _draw_probe(ax, x, y, up=up, color=color, label=f"{errors[name]:.1%}" if name in errors else "p")
+        _draw_probe(ax, x, y, up=up, color=color, label=f"{errors[name]:.1%}" if name in errors else "p", name=name)
     if errors:
         sm = plt.cm.ScalarMappable(norm=error_norm(cast(float, chance)), cmap=ERROR_CMAP)  # checked above
         fig.colorbar(sm, ax=ax, fraction=0.025, pad=0.01, shrink=0.6,
                      label=f"probe error: 0 (blue) to chance ({chance:.2f}, red) or worse")
     ax.set_title(title or "probes behind diodes: features flow to each probe, no gradient flows back")
     ax.set_aspect("equal")
-    ax.autoscale_view()
-    ax.margins(0.02)
+    _fit_frame(fig, ax, fig_w, positions, skips)
     ax.axis("off")
-    return save_figure(fig, path)
+    return fig
+
+
+def probe_colours(fig: Figure) -> dict[str, tuple[float, float, float, float]]:
+    """Layer name -> RGBA fill of its probe as drawn in ``fig`` (a :func:`model_figure`), in drawing order: what
+    a test compares with :func:`linprobe.report.plots.probe_colour` of the errors fed."""
+    return {str(p.get_gid()): tuple(p.get_facecolor())  # type: ignore[misc]
+            for ax in fig.axes for p in ax.patches if isinstance(p, Circle) and p.get_gid()}
+
+
+def _fit_frame(fig: Figure, ax: Axes, width: float, positions: Mapping[str, tuple[float, float]],
+               skips: Mapping[str, str]) -> None:
+    """Frame the drawing (boxes, probes, branches, the deepest skip arc) and make the figure as tall as that frame
+    at ``width`` inches (equal aspect) plus room for the title, so a long skip neither squeezes the boxes into a
+    strip nor leaves the page empty."""
+    xs, ys = [x for x, _ in positions.values()], [y for _, y in positions.values()]
+    arcs = [_ARC * abs(positions[b][0] - positions[a][0]) / 2 for a, b in skips.items()]  # a quadratic arc's sag
+    top = _BOX_H / 2 + _STEM + 2 * _PROBE_R
+    bottom = min(min(ys) - _BOX_H / 2 - (_STEM + 2 * _PROBE_R if min(ys) < 0 else 0.0),
+                 -_BOX_H / 2 - max(arcs, default=0.0)) - 0.3
+    ax.set_xlim(min(xs) - _DX, max(xs) + _DX)
+    ax.set_ylim(bottom, top)
+    fig.set_size_inches(width, max(2.5, width * (top - bottom) / (max(xs) - min(xs) + 2 * _DX)) + 1.2)
 
 
 def model_layers(model: nn.Module, example: object = None) -> list[str]:
@@ -172,8 +206,8 @@ def _draw_path(ax: Axes, names: Sequence[str], x0: float, y: float, shapes: Mapp
         if name == GAP:
             ax.text(x, y, "\u22ef", ha="center", va="center", fontsize=14)
             continue
-        ax.add_patch(Rectangle((x - _BOX_W / 2, y - _BOX_H / 2), _BOX_W, _BOX_H, facecolor="#eeeeee",
-                               edgecolor="black", lw=1))
+        ax.add_patch(Rectangle((x - _BOX_W / 2, y - _BOX_H / 2), _BOX_W, _BOX_H, edgecolor="black", lw=1,
+                               facecolor="#eeeeee" if branch_from is None else _BRANCH_FILL))
         label = name if name not in shapes else f"{name}\n{'x'.join(map(str, shapes[name]))}"
         ax.text(x, y, label, rotation=90, ha="center", va="center", fontsize=6.5)
     for (xa, a), (xb, b) in zip(zip(xs, names), zip(xs[1:], names[1:])):
@@ -190,11 +224,12 @@ def _draw_skip(ax: Axes, a: tuple[float, float], b: tuple[float, float]) -> None
     """A skip connection: an arc under the main path from one box to a later one."""
     ax.add_patch(FancyArrowPatch((a[0], a[1] - _BOX_H / 2), (b[0], b[1] - _BOX_H / 2), arrowstyle="-|>",
                                  mutation_scale=10, lw=1.2, color="tab:purple",
-                                 connectionstyle=f"arc3,rad={0.35 if b[0] > a[0] else -0.35}"))
+                                 connectionstyle=f"arc3,rad={_ARC if b[0] > a[0] else -_ARC}"))
 
 
-def _draw_probe(ax: Axes, x: float, y: float, *, up: bool, color: object, label: str) -> None:
-    """A wire from the box to the probe with a diode on it (triangle pointing to the probe, then a bar)."""
+def _draw_probe(ax: Axes, x: float, y: float, *, up: bool, color: object, label: str, name: str) -> None:
+    """A wire from the box to the probe with a diode on it (triangle pointing to the probe, then a bar); the
+    probe's circle carries the layer's ``name`` as its gid."""
     sign = 1 if up else -1
     y0 = y + sign * _BOX_H / 2
     y1 = y0 + sign * _STEM
@@ -203,5 +238,5 @@ def _draw_probe(ax: Axes, x: float, y: float, *, up: bool, color: object, label:
     ax.add_patch(Polygon([(x - half, mid - sign * half), (x + half, mid - sign * half), (x, mid + sign * half)],
                          closed=True, facecolor="black", edgecolor="black"))
     ax.plot([x - half, x + half], [mid + sign * half] * 2, color="black", lw=1.6)
-    ax.add_patch(Circle((x, y1), _PROBE_R, facecolor=color, edgecolor="black", lw=1))
+    ax.add_patch(Circle((x, y1), _PROBE_R, facecolor=color, edgecolor="black", lw=1, gid=name))
     ax.text(x, y1, label, ha="center", va="center", fontsize=5.5)
