@@ -21,6 +21,7 @@ EXPERIMENTS: dict[str, str] = {
     "toy": "linprobe.experiments.toy",
     "mnist-convnet": "linprobe.experiments.mnist_convnet",
     "deep-mlp": "linprobe.experiments.deep_mlp",
+    "depth": "linprobe.experiments.depth",
     "resnet": "linprobe.experiments.resnet",
     "inception": "linprobe.experiments.inception",
     "diagram": "linprobe.experiments.diagram",
