@@ -169,6 +169,7 @@ def _parser() -> argparse.ArgumentParser:
     rp.add_argument("--seed", type=int, default=0)
     rp.add_argument("--variant", help="deep-mlp: plain, aux or skip")
     rp.add_argument("--steps", type=_positive, nargs="+", help="deep-mlp / inception: minibatches at which to probe")
+    rp.add_argument("--depths", type=_positive, nargs="+", help="depth: the model depths to sweep")
     rp.add_argument("--quiet", action="store_true", help="no progress bars")
     for command in (layers, pr, sw, rep, rp):  # an error shows the usage of its own command
         command.set_defaults(print_usage=command.print_usage)
@@ -183,7 +184,7 @@ def _reproduce(args: argparse.Namespace) -> None:
             raise UsageError("name an experiment, or pass --list")
         print("\n".join(f"{name:15s} {doc}" for name, doc in available().items()))
         return
-    options = {k: getattr(args, k) for k in ("variant", "steps") if getattr(args, k) is not None}
+    options = {k: getattr(args, k) for k in ("variant", "steps", "depths") if getattr(args, k) is not None}
     out = Path(args.out or f"runs/{args.name}")
     summary = reproduce(args.name, out, quick=args.quick, data=args.data, seed=args.seed, progress=not args.quiet,
                         **options)

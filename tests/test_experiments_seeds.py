@@ -23,3 +23,17 @@ def test_mnist_convnet_is_bit_identical_whatever_the_global_rng(tmp_path):
     count = next(f for f in summary.findings if f.startswith("layers improved by training"))
     improved = int(count.split(": ")[1].split(" of ")[0])
     assert count.endswith("of 9 (the input cannot change)") and 0 <= improved <= 9
+
+
+def test_depth_sweep_is_bit_identical_with_the_same_seed(tmp_path):
+    depths = (8, 32)  # two of the quick sweep's depths: the same code, half the time
+    outputs = []
+    with one_thread():
+        for state in (1, 2):
+            torch.manual_seed(state)
+            out = tmp_path / str(state)
+            reproduce("depth", out, quick=True, progress=False, depths=depths)
+            outputs.append([(out / "depths.csv").read_bytes(),
+                            *((out / f"depth{d}" / "results.csv").read_bytes() for d in depths)])
+    assert outputs[0] == outputs[1]
+    assert outputs[0][0].count(b"\n") == 1 + len(depths)  # a header and one row per depth

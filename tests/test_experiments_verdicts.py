@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 from conftest import rippling_result
 
-from linprobe.experiments import deep_mlp, inception, mnist_convnet, resnet, ripple, toy
+from linprobe.experiments import deep_mlp, depth, inception, mnist_convnet, resnet, ripple, toy
 from linprobe.experiments.report import Check, Summary, compare, significant_steps, standard_error, verdict, with_se
 from linprobe.models import MNIST_CONVNET_PROBES
 from linprobe.report.results import LayerInfo, ProbeResult
@@ -116,6 +116,30 @@ def test_deep_mlp_verdicts() -> None:
         deep_mlp.checks("residual", random, random, 0.9, chance=chance, n=n, settings=settings)
 
 
+def test_depth_verdicts() -> None:
+    n, chance = 1000, 0.9
+
+    def judge(*errors: tuple[int, float, float]) -> str:
+        """The verdict on depths with (depth, model error, last-quarter probe error)."""
+        return verdict(depth.checks([depth.Outcome(*e) for e in errors], chance=chance, n=n, shallow=32))
+
+    agree = [(16, 0.05, 0.06), (32, 0.1, 0.12), (48, 0.2, 0.3), (64, 0.9, 0.88), (96, 0.9, 0.9), (128, 0.9, 0.9)]
+    assert judge(*agree) == "reproduced"
+    assert judge(*[(d, 0.05, 0.06) for d in (16, 32, 64, 128)]) == "not"  # the deepest model learned too
+    assert judge(*[(d, 0.9, 0.9) for d in (16, 32, 64, 128)]) == "not"  # even the shallow models failed
+    assert judge((64, 0.9, 0.9), (128, 0.9, 0.9)) == "not"  # no shallow depth swept: the core claim is untested
+    assert judge(*agree[:4], (96, 0.1, 0.1), (128, 0.9, 0.9)) == "partly"  # not sharp: 96 trains after 64 broke
+    assert judge(*agree[:3], (64, 0.2, 0.3), (96, 0.9, 0.9), (128, 0.9, 0.9)) == "partly"  # breaks at 96, not 64
+    assert judge(*agree[:3], (64, 0.2, 0.75), (96, 0.9, 0.9), (128, 0.9, 0.9)) == "reproduced"  # its deep layers dead
+    near = 0.8 * chance - standard_error(0.8 * chance, n)  # within 2 SE of the useless level counts as broken
+    assert depth.state(depth.Outcome(64, near, 0.1), chance=chance, n=n) == "broken"
+    assert depth.state(depth.Outcome(64, 0.5, 0.5), chance=chance, n=n) == "between"
+    checks = depth.checks([depth.Outcome(*e) for e in agree[:3]], chance=chance, n=n, shallow=32)
+    assert [c.passed for c in checks] == [True, False, True, False] and checks[2].evidence == "no depth broke"
+    with pytest.raises(ValueError, match="at least one depth"):
+        depth.checks([], chance=chance, n=n, shallow=32)
+
+
 def test_resnet_verdicts() -> None:
     n = 6000
     falling = {"input": 0.75, **{f"add_{k}": 0.5 - 0.025 * k for k in range(1, 17)}}
@@ -202,3 +226,17 @@ def test_fig4b_note_compares_the_last_probe_with_the_model() -> None:
     assert "1,000 of the 3,500 training images" in note(0.17, 0.125)  # the probe's handicap
     assert deep_mlp.head_notes(_head_result({400: 0.1}, {400: 0.1}, layer="layer8"), deep_mlp.QUICK, n=1000,
                                n_train=3500) == []
+def test_depth_notes_are_computed_from_the_run() -> None:
+    full = depth.run_notes(depth.FULL, data="mnist", n_train=3500, quick=False)
+    assert full[0] == deep_mlp.RECIPE  # 003's 5000 minibatches: nothing to add
+    assert "5000 minibatches of 120 are about 171 epochs" in full[1]
+    assert "depths [16, 32, 48, 64, 72, 80, 88, 96, 112, 128] at width 128" in full[2]
+    assert "2,000 training images" in full[3] and "(16: every 1, 32: every 2, 48: every 3" in full[3]
+    assert not any(n.startswith("quick") for n in full)
+    small = depth.run_notes(depth.QUICK, data="mnist", n_train=700, quick=True)
+    assert small[0].endswith("here 300 minibatches per depth, 6% of 003's 5000, so that the 5 depths fit the time "
+                             "budget")
+    assert "about 51 epochs" in small[1] and small[-1].startswith("quick: width 32, lr 0.0001, 300 minibatches")
+    assert depth.FULL.moments[:2] == [100, 200] and depth.FULL.moments[-1] == 5000
+    assert depth.FULL.probe_every(80) == 5 and depth.QUICK.probe_every(4) == 1
+    assert depth.FULL.probed(88)[-3:] == ["layer80", "layer85", "layer88"]  # every 5th, and the last

@@ -30,6 +30,8 @@ MODEL = "linprobe.models:mnist_convnet"
     (["reproduce"], "name an experiment, or pass --list"),
     (["reproduce", "nope"], "unknown experiment 'nope'"),
     (["reproduce", "toy", "--steps", "0"], "--steps: expected a positive integer"),
+    (["reproduce", "depth", "--depths", "0"], "--depths: expected a positive integer"),
+    (["reproduce", "toy", "--depths", "8"], "experiment 'toy' takes no option(s) ['depths']"),
 ])
 def test_wrong_arguments_give_the_usage_and_one_line(argv, message, capsys, tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)

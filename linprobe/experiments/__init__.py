@@ -22,6 +22,7 @@ EXPERIMENTS: dict[str, str] = {
     "mnist-convnet": "linprobe.experiments.mnist_convnet",
     "deep-mlp": "linprobe.experiments.deep_mlp",
     "ripple": "linprobe.experiments.ripple",
+    "depth": "linprobe.experiments.depth",
     "resnet": "linprobe.experiments.resnet",
     "inception": "linprobe.experiments.inception",
     "diagram": "linprobe.experiments.diagram",
