@@ -167,6 +167,9 @@ def _parser() -> argparse.ArgumentParser:
     rp.add_argument("--data", help="mnist (default), fashion-mnist, digits or idx:DIR")
     rp.add_argument("--out", help="output folder (default runs/NAME)")
     rp.add_argument("--seed", type=int, default=0)
+    rp.add_argument("--seeds", type=_positive, help="run this many seeds (--seed, --seed + 1, ...) into OUT/seed-K and "
+                    "combine them: the spread per layer, a verdict over seeds; full runs use the experiment's "
+                    "multi-seed setting where it has one")
     rp.add_argument("--variant", help="deep-mlp: plain, aux or skip")
     rp.add_argument("--steps", type=_positive, nargs="+", help="deep-mlp / inception: minibatches at which to probe")
     rp.add_argument("--depths", type=_positive, nargs="+", help="depth: the model depths to sweep")
@@ -187,9 +190,10 @@ def _reproduce(args: argparse.Namespace) -> None:
     options = {k: getattr(args, k) for k in ("variant", "steps", "depths") if getattr(args, k) is not None}
     out = Path(args.out or f"runs/{args.name}")
     summary = reproduce(args.name, out, quick=args.quick, data=args.data, seed=args.seed, progress=not args.quiet,
-                        **options)
+                        seeds=args.seeds, **options)
     print(summary.markdown())
-    print(f"wrote {out}/summary.md, results.csv, results.json and figures")
+    print(f"wrote {out}/summary.md, seeds.csv, seeds.png and each seed's run in {out}/seed-K" if args.seeds else
+          f"wrote {out}/summary.md, results.csv, results.json and figures")
 
 
 def _splits(args: argparse.Namespace) -> dict[str, Any]:

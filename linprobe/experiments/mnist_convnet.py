@@ -10,13 +10,26 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 
 import linprobe as lp
 from linprobe.atomic import atomic_write_text
-from linprobe.experiments.report import Check, Summary, compare, listed, significant_steps, standard_error, with_se
+from linprobe.experiments.report import (
+    Check,
+    Headline,
+    HeadRefit,
+    Summary,
+    compare,
+    listed,
+    significant_steps,
+    standard_error,
+    with_se,
+)
+from linprobe.experiments.seeds import setting
 from linprobe.experiments.training import model_error, train_epochs
 from linprobe.models import MNIST_CONVNET_PROBES, mnist_convnet, mnist_convnet_l2_params
 from linprobe.report.diagram import model_layers
@@ -49,10 +62,17 @@ def train_tutorial(model: torch.nn.Module, train: lp.ArrayDataset, *, epochs: in
     A ``monitor`` steps after each backward, before the update."""
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     l2_params = mnist_convnet_l2_params(model)
+
+    def penalty() -> torch.Tensor:
+        return cast(torch.Tensor, 5e-4 * sum(p.square().sum() for p in l2_params) / 2)
+
+    def watch(step: int, x: torch.Tensor, y: torch.Tensor) -> None:
+        if monitor is not None:
+            monitor.step(y, step)
+
     return train_epochs(model, train, optimizer, epochs=epochs, batch_size=32, seed=seed,
-                        scheduler=torch.optim.lr_scheduler.ExponentialLR(optimizer, 0.95),
-                        penalty=lambda: 5e-4 * sum(p.square().sum() for p in l2_params) / 2,
-                        before_update=None if monitor is None else lambda step, x, y: monitor.step(y, step))
+                        scheduler=torch.optim.lr_scheduler.ExponentialLR(optimizer, 0.95), penalty=penalty,
+                        before_update=None if monitor is None else watch)
 
 
 def monitor_settings(quick: bool) -> dict[str, int]:
@@ -100,6 +120,7 @@ def monitored_training(model: torch.nn.Module, splits: dict[str, lp.ArrayDataset
     return steps, result, findings
 
 
+HEAD_INPUT = "fc1_postact"  # what the head (logits) sees: dropout is the identity in eval mode
 KINK = ("conv2_postpool", "fc1_preact")  # the paper's small rise after training
 TRAINED_AT_MOST = 0.05  # the tutorial's model reaches about 1% on full MNIST; above 5% it is not trained
 
@@ -132,23 +153,52 @@ def checks(untrained: dict[str, float], trained: dict[str, float], model_error: 
             Check("trained, no other rise along the depth", not rises, f"significant rises: {listed(rises)}")]
 
 
+@dataclass(frozen=True)
+class Settings:
+    """Training samples (None: all), epochs, whether a Monitor watches the training."""
+
+    limit: int | None
+    epochs: int
+    monitor: bool
+
+
+QUICK = Settings(limit=1000, epochs=1, monitor=True)
+FULL = Settings(limit=None, epochs=10, monitor=True)
+# Several seeds of the full run (``multi_seed``): the same data, model, training and probes without the Monitor,
+# whose exact snapshots and online probes are about half of a full run's time; no check rests on them.
+SEEDS = replace(FULL, monitor=False)
+
+
+def head_refit(trained: dict[str, float], model_error: float, n: int, n_train: int) -> HeadRefit:
+    """Fig. 4b on the trained convnet: fc1_postact is exactly what the head (``logits``) sees, dropout being the
+    identity in eval mode; its probe and the head were trained on the same images."""
+    return HeadRefit(HEAD_INPUT, "test", trained[HEAD_INPUT], model_error, n, probe_train=n_train, model_train=n_train)
+
+
 def run(out: Path, *, quick: bool = False, data: str = "mnist", seed: int = 0, progress: bool = True,
-        epochs: int | None = None) -> Summary:
-    """Probe the ten points untrained, train as the tutorial does under a Monitor, probe again."""
-    splits = lp.standard_splits(data, seed=seed, limit=1000 if quick else None)
+        epochs: int | None = None, multi_seed: bool = False) -> Summary:
+    """Probe the ten points untrained, train as the tutorial does (under a Monitor unless ``multi_seed``), probe
+    again; ``multi_seed`` is the lighter full setting that several seeds run (:data:`SEEDS`)."""
+    settings = setting(quick=QUICK, full=FULL, seeds=SEEDS, quick_run=quick, multi_seed=multi_seed, epochs=epochs)
+    splits = lp.standard_splits(data, seed=seed, limit=settings.limit)
     train, valid, test = splits["train"], splits["valid"], splits["test"]
     model = mnist_convnet(seed=seed)
-    common = dict(layers=list(MNIST_CONVNET_PROBES), cache_dir=out / "cache", reduce="none", progress=progress)
+    common: dict[str, Any] = {"layers": list(MNIST_CONVNET_PROBES), "cache_dir": out / "cache", "reduce": "none",
+                              "progress": progress}
     before = lp.probe(model, train, valid, test, out_dir=out / "untrained", **common)
-    epochs = epochs or (1 if quick else 10)
-    steps, _, monitored = monitored_training(model, splits, out, epochs=epochs, quick=quick, seed=seed)
+    if settings.monitor:
+        steps, _, monitored = monitored_training(model, splits, out, epochs=settings.epochs, quick=quick, seed=seed)
+    else:
+        steps, monitored = train_tutorial(model, train, epochs=settings.epochs, seed=seed), []
     after = lp.probe(model, train, valid, test, out_dir=out / "trained", step=steps, **common)
     lp.ProbeResult.concat([before, after]).save(out)
     untrained, trained = before.errors("test"), after.errors("test")
-    plot_layer_curves({"untrained": untrained, f"trained ({epochs} epochs)": trained}, out / "mnist_convnet.png",
-                      ylabel="probe test error", title="MNIST convnet: linear probe test error per layer")
+    plot_layer_curves({"untrained": untrained, f"trained ({settings.epochs} epochs)": trained},
+                      out / "mnist_convnet.png", ylabel="probe test error",
+                      title="MNIST convnet: linear probe test error per layer")
     improved = [k for k in MNIST_CONVNET_PROBES if trained[k] < untrained[k]]
     n, own = len(test), model_error(model, test)
+    refit = head_refit(trained, own, n, len(train))
     findings = [(f"untrained: input {with_se(untrained['input'], n)}, conv1_postact "
                 f"{with_se(untrained['conv1_postact'], n)}, logits {with_se(untrained['logits'], n)}"),
                 (f"trained ({steps} steps): input {with_se(trained['input'], n)}, fc1_preact "
@@ -158,15 +208,33 @@ def run(out: Path, *, quick: bool = False, data: str = "mnist", seed: int = 0, p
                 f"{len(MNIST_CONVNET_PROBES) - 1} (the input cannot change)"),
                 (f"kink (paper: a small rise after conv2_postpool): conv2_postpool {with_se(trained[KINK[0]], n)} "
                 f"-> fc1_preact {with_se(trained[KINK[1]], n)}"),
-                f"the model's own test error: {with_se(own, n)}", *monitored]
-    monitor = monitor_settings(quick)
-    figures = ["mnist_convnet.png", "monitor/exact/heatmap.png", "monitor/online/heatmap.png",
-               "monitor/online_vs_exact.png", "monitor/exact/animation.gif", "monitor/exact/diagram.png"]
+                f"the model's own test error: {with_se(own, n)}", refit.discussion(),
+                (f"the last probe, on logits (the head's output, 10 scores), is a linear refit of the model's own "
+                 f"scores: {with_se(trained['logits'], n)} (it can reweigh the scores, not see more than the head)"),
+                *monitored]
+    figures = ["mnist_convnet.png"] + (MONITOR_FIGURES if settings.monitor else [])
     return Summary("mnist-convnet", CLAIM, findings, checks(untrained, trained, own, n), figures=figures,
-                   notes=notes(n_train=len(train), n_test=n, epochs=epochs, steps=steps),
+                   notes=notes(n_train=len(train), n_test=n, epochs=settings.epochs, steps=steps)
+                   + ([] if settings.monitor else [SEEDS_NOTE]),
                    tables=[before.table(markdown=True), after.table(markdown=True)],
                    settings={"data": data, "train/valid/test": f"{len(train)}/{len(valid)}/{len(test)}",
-                             "epochs": epochs, "reduction": "none (every feature, as the paper)",
-                             "monitor": f"every {monitor['every']} minibatches, online (Adam lr 1e-3) and exact (L2 "
-                                        f"path {MONITOR_L2_PATH}, {monitor['probe_train']} probe-train samples), "
-                                        "automatic reduction, measured on valid", "seed": seed})
+                             "epochs": settings.epochs, "reduction": "none (every feature, as the paper)",
+                             "monitor": monitor_text(quick, settings),
+                             "torch threads": torch.get_num_threads(), "seed": seed},
+                   headline=Headline("test", n, before.chance_error, {"untrained": untrained, "trained": trained},
+                                     model_error=own, head=refit))
+
+
+MONITOR_FIGURES = ["monitor/exact/heatmap.png", "monitor/online/heatmap.png", "monitor/online_vs_exact.png",
+                   "monitor/exact/animation.gif", "monitor/exact/diagram.png"]
+SEEDS_NOTE = ("the multi-seed setting: no Monitor (no monitor/ folder, heatmaps, animation or its findings), so three "
+              "seeds take about the time of one full run; the data, model, training and probes are the full run's")
+
+
+def monitor_text(quick: bool, settings: Settings) -> str:
+    """The monitor's setting as the summary states it."""
+    if not settings.monitor:
+        return "none (the multi-seed setting)"
+    monitor = monitor_settings(quick)
+    return (f"every {monitor['every']} minibatches, online (Adam lr 1e-3) and exact (L2 path {MONITOR_L2_PATH}, "
+            f"{monitor['probe_train']} probe-train samples), automatic reduction, measured on valid")

@@ -66,19 +66,98 @@ class Check:
     passed: bool
     evidence: str
     core: bool = False
+    seeds: tuple[int, int] | None = None
+    """Over several seeds: (the seeds it held in, the seeds run); ``passed`` then means it held in every seed."""
+
+    def __post_init__(self) -> None:
+        if self.seeds is not None:
+            held, of = self.seeds
+            if not 0 <= held <= of or of < 1 or self.passed != (held == of):
+                raise ValueError(f"a check over seeds holds in 0..{of} of {of} >= 1 seeds and passes only in all of "
+                                 f"them, got seeds={self.seeds}, passed={self.passed}")
+
+    @property
+    def mostly(self) -> bool:
+        """Held in every seed, or over several seeds in more than half of them (a single run: ``passed``)."""
+        return self.passed or (self.seeds is not None and 2 * self.seeds[0] > self.seeds[1])
 
     def markdown(self) -> str:
-        """One list item: pass/fail, the claim, the evidence."""
-        return f"{'holds' if self.passed else 'FAILS'}{' (core)' if self.core else ''}: {self.claim} -- {self.evidence}"
+        """One list item: pass/fail (over seeds: in how many), the claim, the evidence."""
+        if self.seeds is None:
+            state = "holds" if self.passed else "FAILS"
+        else:
+            held, of = self.seeds
+            state = (f"holds in every seed ({of} of {of})" if self.passed else
+                     f"FAILS in every seed (0 of {of})" if held == 0 else f"holds in {held} of {of} seeds")
+        return f"{state}{' (core)' if self.core else ''}: {self.claim} -- {self.evidence}"
 
 
 def verdict(checks: Sequence[Check]) -> str:
-    """"reproduced" when every check holds, "not" when a core check fails, otherwise "partly"."""
+    """"reproduced" when every check holds, "not" when a core check fails, otherwise "partly".
+
+    Over several seeds a check holds when it holds in every seed, and a core check counts as failed only when it
+    holds in at most half of them: in most seeds it makes the verdict "partly", in none (or too few) "not"."""
     if not checks or not any(c.core for c in checks):
         raise ValueError("a verdict needs at least one check marked core (the experiment's headline claim)")
     if all(c.passed for c in checks):
         return "reproduced"
-    return "not" if any(c.core and not c.passed for c in checks) else "partly"
+    return "not" if any(c.core and not c.mostly for c in checks) else "partly"
+
+
+@dataclass(frozen=True)
+class HeadRefit:
+    """001 Fig. 4b's comparison: a probe on exactly the features the model's head sees (``point``) against the
+    model's own error, both rates on the same ``n`` samples of ``split``.
+
+    The probe is a convex refit of the head (softmax regression, L2 chosen on valid, on ``probe_train`` samples);
+    the head itself was trained by SGD together with the network (on ``model_train`` samples). Level means the
+    head is about as good a linear classifier of its input as the refit; a probe clearly below the model means the
+    head is not at its optimum; clearly above, the refit is held back by its L2 or its sample size."""
+
+    point: str
+    split: str
+    probe: float
+    model: float
+    n: int
+    probe_train: int
+    model_train: int
+
+    @property
+    def side(self) -> int:
+        """-1 when the probe is below the model's error beyond two SEs of the difference, 1 above, 0 level."""
+        return compare(self.model, self.probe, self.n)
+
+    def discussion(self) -> str:
+        """The comparison with SEs, whether they agree within two SEs, and what the gap means."""
+        margin = SIGNIFICANT * math.hypot(standard_error(self.probe, self.n), standard_error(self.model, self.n))
+        samples = (f"the same {self.model_train:,} training samples as the model" if self.probe_train >= self.model_train
+                   else f"{self.probe_train:,} training samples against the model's {self.model_train:,}")
+        meaning = {
+            0: ("level within 2 SE: the head, trained by SGD with the network, is about as good a linear classifier "
+                "of its own input as the convex refit, as Fig. 4b shows for the last probe"),
+            -1: ("the probe is clearly below the model: the head is not at its optimum on the features it sees (SGD "
+                 "with the network, its regularisation and schedule, stopped short of the convex optimum); refitting "
+                 "the head alone would lower the model's error"),
+            1: ("the probe is clearly above the model: the refit is held back by its L2 (the path's choice on "
+                "valid) or its training samples, not by the features, on which the head does better")}[self.side]
+        return (f"Fig. 4b, the probe at the head's input ({self.point}) against the model itself on {self.split}: "
+                f"probe {with_se(self.probe, self.n)}, model {with_se(self.model, self.n)}, gap "
+                f"{self.probe - self.model:+.1%} (2 SE of the gap {margin:.1%}); {meaning}; the probe is a convex "
+                f"refit with L2 chosen on valid on {samples}, the head was trained by SGD with the network")
+
+
+@dataclass(frozen=True)
+class Headline:
+    """The numbers of one run that several seeds combine: probe error per layer on ``split``, one curve per label
+    (e.g. untrained, trained), each a rate on ``n`` samples; the chance error; the model's own error on ``split``
+    (None: not measured); the Fig. 4b comparison (None: none)."""
+
+    split: str
+    n: int
+    chance: float
+    curves: dict[str, dict[str, float]]
+    model_error: float | None = None
+    head: HeadRefit | None = None
 
 
 @dataclass
@@ -95,6 +174,8 @@ class Summary:
     tables: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    headline: Headline | None = None
+    """What a run over several seeds combines (:mod:`linprobe.experiments.seeds`); None: it cannot combine."""
 
     @property
     def verdict(self) -> str | None:
@@ -109,7 +190,10 @@ class Summary:
         if self.checks:
             lines += ["## Checks", "", (f"Reproduced when every check holds, not when a core check fails, partly "
                       f"otherwise; a difference counts only beyond {SIGNIFICANT:g} standard errors (SE of an error "
-                      "p on n samples: sqrt(p(1-p)/n))."), "", *[f"- {c.markdown()}" for c in self.checks], ""]
+                      "p on n samples: sqrt(p(1-p)/n))."
+                      + (" Over several seeds a check holds when it holds in every seed; a core check holding in at "
+                         "most half of them gives not." if any(c.seeds for c in self.checks) else "")),
+                      "", *[f"- {c.markdown()}" for c in self.checks], ""]
         lines += ["## Our numbers", "", *[f"- {f}" for f in self.findings], ""]
         if self.notes:
             lines += ["## Notes", "", *[f"- {n}" for n in self.notes], ""]

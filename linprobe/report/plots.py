@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from itertools import pairwise
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 if TYPE_CHECKING:
     from linprobe.report.diagnose import Ripple
@@ -199,4 +199,42 @@ def plot_halfway(ripple: Ripple, path: str | Path, *, depth: Mapping[str, int] |
     ax.set_title(title or f"the step at which each layer was {ripple.fraction:.0%} of the way from its first to "
                           f"its last error (Spearman with depth {ripple.rho:.2f})", fontsize=9)
     ax.legend(loc="upper left", fontsize=8)
+    return save_figure(fig, path)
+
+
+def plot_seed_spread(curves: Mapping[str, Mapping[str, Sequence[float]]], ses: Mapping[str, Mapping[str, float]],
+                     path: str | Path, *, chance: float, model: Sequence[float] | None = None,
+                     ylabel: str = "probe error", title: str = "") -> Path:
+    """Probe error per layer over several seeds: per curve (label -> layer -> one error per seed) the mean as a line,
+    the seeds' min-max as a band, each seed as a dot and error bars of two single-seed standard errors (``ses``,
+    label -> layer) around the mean, so a band wider than the bars is a spread beyond one test set's noise; the
+    model's own error (one per seed) as a green line over its own min-max band.
+
+    The y axis is the absolute scale every figure shares, 0 to the chance level (dotted), whatever the data."""
+    error_norm(chance)  # validates chance
+    names = list(next(iter(curves.values())))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(names) + 2), 4))
+    x = list(range(len(names)))
+    top = float(chance)
+    for k, (label, layers) in enumerate(curves.items()):
+        colour = f"C{k}"
+        values = [list(layers[n]) for n in names]
+        means = [sum(v) / len(v) for v in values]
+        lo, hi = [min(v) for v in values], [max(v) for v in values]
+        ax.fill_between(x, lo, hi, color=colour, alpha=0.2, linewidth=0)
+        ax.errorbar(x, means, yerr=[2 * ses[label][n] for n in names], color=colour, marker="o", markersize=4,
+                    capsize=2, elinewidth=0.8, label=f"{label}: mean over {len(values[0])} seeds, min-max band, 2 SE")
+        for i, v in enumerate(values):
+            ax.plot([i] * len(v), v, linestyle="none", marker=".", markersize=3, color=colour, alpha=0.7)
+        top = max(top, *hi)
+    if model:
+        mean = sum(model) / len(model)
+        ax.axhspan(min(model), max(model), color="green", alpha=0.15, linewidth=0)
+        ax.axhline(mean, color="green", linewidth=1, label=f"the model itself (mean {mean:.1%}, min-max band)")
+    ax.axhline(chance, linestyle=":", color="black", label=f"chance ({chance:.2f})")
+    ax.set_xticks(x, names, rotation=45, ha="right", fontsize=8)
+    ax.set_ylim(0, 1.05 * top)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     return save_figure(fig, path)
