@@ -192,8 +192,10 @@ def _reproduce(args: argparse.Namespace) -> None:
     summary = reproduce(args.name, out, quick=args.quick, data=args.data, seed=args.seed, progress=not args.quiet,
                         seeds=args.seeds, **options)
     print(summary.markdown())
-    print(f"wrote {out}/summary.md, seeds.csv, seeds.png and each seed's run in {out}/seed-K" if args.seeds else
-          f"wrote {out}/summary.md, results.csv, results.json and figures")
+    if args.seeds:
+        print(f"wrote {out}/summary.md, seeds.csv, seeds.png and each seed's run in {out}/seed-K")
+    else:  # what this experiment wrote, not what most do
+        print(f"wrote {out}/: {', '.join(sorted(f'{p.name}/' if p.is_dir() else p.name for p in out.iterdir()))}")
 
 
 def _splits(args: argparse.Namespace) -> dict[str, Any]:
