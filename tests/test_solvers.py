@@ -182,8 +182,10 @@ def test_path_picks_lowest_valid_error_and_returns_a_copy():
         if l2 == res.best_l2:
             at_best = prev.clone()
         last = prev
-    torch.testing.assert_close(res.best.weights.W, at_best.W, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(res.best.weights.b, at_best.b, rtol=1e-5, atol=1e-6)
+    # equal to the solver's tolerance, not bit for bit: the summation order (thread count) moves the last digits of
+    # a fit stopped at tol, and a weakly regularised point amplifies them (7e-5 in a weight on one thread)
+    for got, want in ((res.best.weights.W, at_best.W), (res.best.weights.b, at_best.b)):
+        assert (got - want).norm() <= 1e-3 * want.norm()
     assert (res.best.weights.W - last.W).norm() > 0.1 * last.W.norm()
     # and, the solution being unique, a cold fit at best_l2 agrees too
     fresh = fit_logistic(Xtr, ytr, c, res.best_l2)
