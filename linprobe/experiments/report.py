@@ -7,10 +7,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from linprobe.atomic import atomic_write_text
-from linprobe.data.datasets import require_extra
 from linprobe.fit.uncertainty import resample_weights
+from linprobe.report.diagnose import rank_correlation
 
 SIGNIFICANT = 2.0  # a difference between two errors counts only beyond this many standard errors of it
 VERDICTS = ("reproduced", "partly", "not")
@@ -212,8 +213,8 @@ class Summary:
 
 def depth_trend(errors: dict[str, float], n: int) -> tuple[float, list[tuple[str, str, float]]]:
     """Spearman correlation of error with position (-1: strictly falling) and every rise beyond two SEs on ``n``."""
-    stats = require_extra("scipy.stats", "experiments", "the experiments' rank correlation")
-    rho = float(stats.spearmanr(range(len(errors)), list(errors.values())).statistic)
+    rho = float(rank_correlation(torch.tensor(list(errors.values()), dtype=torch.float64),
+                                 torch.arange(len(errors), dtype=torch.float64)))
     return rho, significant_steps(errors, n)
 
 
@@ -232,29 +233,17 @@ def depth_trend_interval(wrong: np.ndarray, *, level: float = TREND_LEVEL, sampl
     wrong = np.asarray(wrong, dtype=np.float64)
     if wrong.ndim != 2 or wrong.shape[0] < 1 or wrong.shape[1] < 3:
         raise ValueError(f"wrong must be (n samples, at least 3 probes), got shape {wrong.shape}")
-    stats = require_extra("scipy.stats", "experiments", "the experiments' rank correlation")
+    depth = torch.arange(wrong.shape[1], dtype=torch.float64)
     rhos = []
     for weights in resample_weights(wrong.shape[0], samples, seed=seed):
-        errors = weights.numpy() @ wrong  # (b, L) wrong counts: the same resample for every probe
-        rhos.append(_rank_correlation(stats.rankdata(errors, axis=1)))
+        errors = weights.double() @ torch.from_numpy(wrong)  # (b, L) wrong counts: the same resample for every probe
+        rhos.append(rank_correlation(errors, depth).numpy())
     found = np.concatenate(rhos)
     found = found[np.isfinite(found)]  # a replicate with every error tied has no rank correlation
     if not found.size:
         return math.nan, math.nan
     lo, hi = np.quantile(found, [(1 - level) / 2, (1 + level) / 2])
     return float(lo), float(hi)
-
-
-def _rank_correlation(ranks: np.ndarray) -> np.ndarray:
-    """Pearson correlation of each row of ``ranks`` with the positions 0..L-1: Spearman's rho when the rows are
-    (tie-averaged) ranks; NaN for a row whose ranks are all equal."""
-    position = np.arange(ranks.shape[1], dtype=np.float64)
-    position -= position.mean()
-    centred = ranks - ranks.mean(axis=1, keepdims=True)
-    scale = np.sqrt((centred ** 2).sum(axis=1) * (position ** 2).sum())
-    with np.errstate(invalid="ignore", divide="ignore"):
-        out: np.ndarray = (centred @ position) / scale
-    return out
 
 
 def trend_text(rho: float, interval: tuple[float, float], *, level: float = TREND_LEVEL) -> str:
