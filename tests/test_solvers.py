@@ -346,6 +346,29 @@ def test_pathological_layers_converge():
         assert min(p.valid_top1_error for p in res.path) >= 0.6
 
 
+def test_line_search_stops_at_float32_resolution(monkeypatch):
+    """Asked for a tolerance float32 cannot reach (1e-9 on a near-chance noise layer), the fit stops where the loss no
+    longer resolves a step, converged, and spends few evaluations per iteration there: no long runs of backtracks
+    that each halve a step whose gain is below the loss's rounding (they cost one Python round each)."""
+    from linprobe.fit import solvers
+
+    g = torch.Generator().manual_seed(3)
+    X, y = torch.randn(2000, 64, generator=g), torch.randint(0, 10, (2000,), generator=g)
+    evaluations = []
+    original = solvers.minimize
+
+    def counting(objective, *args, **kwargs):
+        def counted(index, theta):
+            evaluations.append(len(index))
+            return objective(index, theta)
+        return original(counted, *args, **kwargs)
+
+    monkeypatch.setattr(solvers, "minimize", counting)
+    res = fit_logistic(X, y, 10, 1e-5, tol=1e-9, max_iter=2000)
+    assert res.converged and res.iterations < 2000
+    assert len(evaluations) <= 1.5 * res.iterations + 10
+
+
 def test_batched_lbfgs_solves_quadratics_exactly():
     """Independent strongly convex quadratics of very different conditioning, solved in one batch: each reaches
     its own minimiser; one given a zero iteration budget stops where it started, unconverged."""

@@ -28,6 +28,8 @@ Preconditioner = Callable[[Tensor, Tensor], Tensor]
 
 _ARMIJO = 1e-4
 _MAX_BACKTRACKS = 30
+_SHRINK = 1e-4  # one backtrack cuts the step at most this much (a far overshoot: the quadratic's minimiser is tiny)
+_RESOLUTION = 1e-9  # a predicted decrease below this (relative to max(1, |f|)) is lost in the float32 loss's noise
 _WINDOW = 10  # iterations between checks of the loss-stall criterion
 _FTOL = 1e-7  # stalled: relative loss decrease over a window below ~float32 resolution
 
@@ -115,6 +117,7 @@ def minimize(objective: Objective, theta0: Tensor, precondition: Preconditioner,
     it = torch.zeros(P, dtype=torch.long, device=device)
     f_ref = torch.full((P,), math.inf, dtype=torch.float64, device=device)
     stalled = torch.zeros(P, dtype=torch.bool, device=device)
+    fresh = torch.ones(P, dtype=torch.bool, device=device)  # this iteration's direction ignores the history
     gtol = gtol.to(device)
     cap = torch.as_tensor(max_iter, device=device).expand(P)
     while len(run):
@@ -130,7 +133,8 @@ def minimize(objective: Objective, theta0: Tensor, precondition: Preconditioner,
             if on_done is not None:
                 on_done(done)
             keep = (~stop).nonzero().squeeze(1)
-            run, theta, f, g, gmax, it, f_ref, stalled = (t[keep] for t in (run, theta, f, g, gmax, it, f_ref, stalled))
+            run, theta, f, g, gmax, it, f_ref, stalled, fresh = (
+                t[keep] for t in (run, theta, f, g, gmax, it, f_ref, stalled, fresh))
             hist.keep(keep)
             if not len(run):
                 continue
@@ -141,6 +145,7 @@ def minimize(objective: Objective, theta0: Tensor, precondition: Preconditioner,
             hist.forget(uphill)
             d[uphill] = -precondition(run[uphill], g[uphill])
             gd = _dot(g, d)
+            fresh = fresh | uphill
         step = torch.ones(len(run), dtype=torch.float64, device=device)
         new_theta, new_f, new_g, new_gmax = theta.clone(), f.clone(), g.clone(), gmax.clone()
         moved = torch.zeros(len(run), dtype=torch.bool, device=device)
@@ -153,14 +158,21 @@ def minimize(objective: Objective, theta0: Tensor, precondition: Preconditioner,
             new_theta[took], new_f[took], new_g[took], new_gmax[took] = trial[ok], ft[ok], gt[ok], gmt[ok]
             moved[took] = True
             search, ft, t = search[~ok], ft[~ok], step[search[~ok]]
-            if not len(search):
-                break
-            # minimiser of the quadratic through f(0), f'(0) and f(t), kept within [t/10, t/2]
+            # minimiser of the quadratic through f(0), f'(0) and f(t), kept within [_SHRINK t, t/2]
             slope = gd[search]
             quad = -slope * t * t / (2 * (ft - f[search] - slope * t))
-            quad = torch.where(torch.isfinite(quad), quad, t / 10)
-            step[search] = torch.minimum(torch.maximum(quad, t / 10), t / 2)
-        stalled |= ~moved  # no step length lowers the loss: it is at float32 resolution
+            quad = torch.where(torch.isfinite(quad), quad, t * _SHRINK)
+            step[search] = torch.minimum(torch.maximum(quad, t * _SHRINK), t / 2)
+            # a step whose predicted decrease the loss cannot resolve is not tried: the problem is at float32
+            # resolution along this direction (it stays put and is marked stalled below)
+            search = search[-step[search] * slope > _RESOLUTION * f[search].abs().clamp_min(1.0)]
+            if not len(search):
+                break
+        # no step length lowers the loss: a history-built direction is dropped (the next one is the preconditioned
+        # gradient); when even that fails, the problem is at float32 resolution
+        stalled |= ~moved & fresh
+        hist.forget(~moved)
+        fresh = ~moved
         s, yv = new_theta - theta, new_g - g
         sy = _dot(s, yv)
         hist.push(s, yv, sy, _dot(yv, precondition(run, yv)))

@@ -92,12 +92,14 @@ class ProbeGroup(nn.Module):
         """
         z, centred, scale = self._logits(h, learn=True)
         n = h.shape[1]
-        logp = z.log_softmax(-1)
-        target = y.view(1, -1, 1).expand(len(z), -1, 1)
-        loss = -logp.gather(-1, target).sum() / n
-        grad = logp.exp_().scatter_add_(-1, target, torch.full_like(target, -1, dtype=z.dtype)).div_(n)
-        grad_w = torch.bmm(grad.mT, centred).mul_(scale[:, None]).mT.contiguous()  # (L, D, C)
-        grad_b = grad.sum(1)
+        # class-major (L, C, B): the softmax reduces over the short class dimension with the batch contiguous
+        # (for 10 classes 14x faster than over the last dimension of (L, B, C))
+        logp = z.mT.contiguous().log_softmax(1)
+        target = y.view(1, 1, -1).expand(len(z), 1, -1)
+        loss = -logp.gather(1, target).sum() / n
+        grad = logp.exp_().scatter_add_(1, target, torch.full_like(target, -1, dtype=z.dtype)).div_(n)
+        grad_w = torch.bmm(grad, centred).mul_(scale[:, None]).mT.contiguous()  # (L, D, C)
+        grad_b = grad.sum(2)
         self.weight.grad, self.bias.grad = grad_w, grad_b
         return z, loss
 
@@ -111,9 +113,8 @@ class ProbeGroup(nn.Module):
         else:
             centred, var = h.sub_(self.running_mean[:, None]), self.running_var
         scale = torch.rsqrt(var + 1e-5)
-        w = (self.weight * scale[..., None]).mT.contiguous()  # (L, C, D)
-        logits = torch.bmm(w, centred.mT).mT.contiguous()  # the fast layout for a few classes, then (L, B, C)
-        return logits.add_(self.bias[:, None]), centred, scale
+        w = self.weight * scale[..., None]  # (L, D, C)
+        return torch.baddbmm(self.bias[:, None], centred, w), centred, scale  # (L, B, C)
 
     def _update(self, mean: torch.Tensor, var: torch.Tensor) -> None:
         m = 1.0 if self.seen == 0 else self.momentum
