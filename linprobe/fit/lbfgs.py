@@ -6,7 +6,8 @@ whatever ``P`` is, and the objective is asked for the values of every problem st
 
 The initial inverse Hessian of each problem is a preconditioner (``apply(g) ~ H^-1 g``), scaled per problem
 by the usual ``s.y / y.M^-1 y`` of the newest pair. The line search is Armijo backtracking with quadratic
-interpolation; a pair that would not keep the approximation positive definite (``s.y <= 0``) is not stored.
+interpolation, a step also taken where Hager and Zhang's approximate Wolfe conditions hold (near the optimum the
+float32 loss stops resolving decreases that its gradient still sees); a pair that would not keep the approximation positive definite (``s.y <= 0``) is not stored.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ Preconditioner = Callable[[Tensor, Tensor], Tensor]
 
 _ARMIJO = 1e-4
 _MAX_BACKTRACKS = 30
+_SIGMA, _DELTA, _NOISE = 0.9, 0.1, 1e-6  # approximate Wolfe: curvature, sufficient decrease, loss noise allowed
 _SHRINK = 1e-4  # one backtrack cuts the step at most this much (a far overshoot: the quadratic's minimiser is tiny)
 _RESOLUTION = 1e-9  # a predicted decrease below this (relative to max(1, |f|)) is lost in the float32 loss's noise
 _WINDOW = 10  # iterations between checks of the loss-stall criterion
@@ -153,7 +155,13 @@ def minimize(objective: Objective, theta0: Tensor, precondition: Preconditioner,
         for _ in range(_MAX_BACKTRACKS):
             trial = theta[search] + _bcast(step[search], theta) * d[search]
             ft, gt, gmt = objective(run[search], trial)
-            ok = torch.isfinite(ft) & (ft <= f[search] + _ARMIJO * step[search] * gd[search])
+            armijo = ft <= f[search] + _ARMIJO * step[search] * gd[search]
+            # Hager and Zhang's approximate Wolfe test: where the loss no longer resolves the decrease, the slope
+            # (accurate long after the loss is not) says the step went most of the way to the line's minimiser
+            slope_t = _dot(gt, d[search])
+            wolfe = ((slope_t >= _SIGMA * gd[search]) & (slope_t <= (2 * _DELTA - 1) * gd[search])
+                     & (ft <= f[search] + _NOISE * f[search].abs()))
+            ok = torch.isfinite(ft) & (armijo | wolfe)
             took = search[ok]
             new_theta[took], new_f[took], new_g[took], new_gmax[took] = trial[ok], ft[ok], gt[ok], gmt[ok]
             moved[took] = True

@@ -81,40 +81,44 @@ class ProbeGroup(nn.Module):
     @torch.no_grad()
     def forward(self, features: Mapping[str, torch.Tensor], *, learn: bool) -> torch.Tensor:
         """(L, B, C) logits of every probe in the group (``learn``: batch statistics, which update the running ones)."""
-        return self._logits(self.stack(features), learn)[0]
+        h = self.stack(features)
+        return self._logits(h, h.mean(1) if learn else None)[0].mT
 
     @torch.no_grad()
-    def learn(self, h: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits (L, B, C) and summed mean cross-entropy of the probes on stacked features ``h``; sets their gradients.
+    def learn(self, h: torch.Tensor, y: torch.Tensor, mean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits (L, B, C) and summed mean cross-entropy of the probes on stacked features ``h`` (batch means
+        ``mean``, (L, D)); sets their gradients.
 
         The gradient is written out (softmax minus one-hot, then ``G.T @ h``), not taken by autograd, whose
         ``h.T @ G`` on row-major features is several times slower on CPU.
         """
-        z, centred, scale = self._logits(h, learn=True)
+        z, centred, scale = self._logits(h, mean)
         n = h.shape[1]
         # class-major (L, C, B): the softmax reduces over the short class dimension with the batch contiguous
         # (for 10 classes 14x faster than over the last dimension of (L, B, C))
-        logp = z.mT.contiguous().log_softmax(1)
+        logp = z.log_softmax(1)
         target = y.view(1, 1, -1).expand(len(z), 1, -1)
         loss = -logp.gather(1, target).sum() / n
         grad = logp.exp_().scatter_add_(1, target, torch.full_like(target, -1, dtype=z.dtype)).div_(n)
         grad_w = torch.bmm(grad, centred).mul_(scale[:, None]).mT.contiguous()  # (L, D, C)
         grad_b = grad.sum(2)
         self.weight.grad, self.bias.grad = grad_w, grad_b
-        return z, loss
+        return z.mT.contiguous(), loss  # row-major for the callers' argmax over classes (3x faster than strided)
 
-    def _logits(self, h: torch.Tensor, learn: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Logits, the centred features (``h``, centred in place) and the per-feature scale 1/sqrt(var + eps)."""
-        if learn:
-            mean = h.mean(1)
+    def _logits(self, h: torch.Tensor, mean: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Class-major logits (L, C, B), the centred features (``h``, centred in place) and the per-feature scale
+        1/sqrt(var + eps): with the batch's ``mean`` by batch statistics (which update the running ones), without by
+        the running ones. The product is (L, C, D) x (L, D, B), the features read as a transposed view: for 10
+        classes 3x faster on CPU than (L, B, D) x (L, D, C), whose output rows are 10 wide."""
+        if mean is not None:
             centred = h.sub_(mean[:, None])
             var = torch.mul(centred, centred, out=self._buffer("squares", h.shape, h)).mean(1)
             self._update(mean, var)
         else:
             centred, var = h.sub_(self.running_mean[:, None]), self.running_var
         scale = torch.rsqrt(var + 1e-5)
-        w = self.weight * scale[..., None]  # (L, D, C)
-        return torch.baddbmm(self.bias[:, None], centred, w), centred, scale  # (L, B, C)
+        w = (self.weight * scale[..., None]).mT.contiguous()  # (L, C, D)
+        return torch.baddbmm(self.bias[..., None], w, centred.mT), centred, scale
 
     def _update(self, mean: torch.Tensor, var: torch.Tensor) -> None:
         m = 1.0 if self.seen == 0 else self.momentum
@@ -198,10 +202,12 @@ class OnlineProbes(nn.Module):
             feats = {n: self.reductions[n](h) for n, h in feats.items()}
         y = self._labels(y, feats)
         stacked = [g.stack(feats) for g in self._probe_groups()]
-        if not _all_finite(stacked):  # one sum per group here; the per-layer screen only when it fails
+        means = [h.mean(1) for h in stacked]
+        if not _all_finite(means):  # a NaN or Inf reaches its feature's batch mean; the per-layer screen only then
             feats = self._screen(feats, f"training step {self.steps}")
             stacked = [g.stack(feats) for g in self._probe_groups()]
-        logits, losses = zip(*(g.learn(h, y) for g, h in zip(self._probe_groups(), stacked)))
+            means = [h.mean(1) for h in stacked]
+        logits, losses = zip(*(g.learn(h, y, mean) for g, h, mean in zip(self._probe_groups(), stacked, means)))
         loss = sum(losses)
         distributed.average_replicas_(self.groups)  # DDP: every rank's probes take the same step
         assert self.optimizer is not None  # built by _build on the first step
