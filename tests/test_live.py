@@ -80,7 +80,7 @@ def test_equal_widths_share_one_batched_group_and_one_parameter():
     monitor.step(torch.randint(0, 3, (8,)))
     assert len(monitor.groups) == 1 and len(monitor.groups[0].names) == 7  # "*" also matches "input"
     assert [g["names"] for g in monitor.optimizer.param_groups] == [["input"] + [str(i) for i in range(6)]]
-    assert monitor.groups[0].weight.shape == (7, 16, 3) and monitor.groups[0].weights[2].shape == (16, 3)
+    assert monitor.groups[0].weight.shape == (7, 3, 16) and monitor.groups[0].weights[2].shape == (16, 3)
 
 
 def test_batched_group_equals_separate_probes():

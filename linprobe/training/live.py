@@ -8,7 +8,7 @@
         probes.step(y)                      # learns from the forward that just ran; no second forward
 
 Probes of equal width are stacked and trained with one batched matmul: the group's weights are one
-(L, D, C) parameter (``group.weights[i]`` is probe i's view), so a step computes one gradient and the
+(L, C, D) parameter, class-major like ``nn.Linear``'s (``group.weights[i]`` is probe i's (D, C) view), so a step computes one gradient and the
 optimiser makes one update per width group, not one per probe. Nothing here touches the model's parameters,
 gradients, modes, buffers or the global random generator.
 """
@@ -50,7 +50,7 @@ class ProbeGroup(nn.Module):
     def __init__(self, names: list[str], width: int, num_classes: int, momentum: float = 0.1) -> None:
         super().__init__()
         self.names, self.momentum = names, momentum
-        self.weight = nn.Parameter(torch.zeros(len(names), width, num_classes))  # one parameter for the group:
+        self.weight = nn.Parameter(torch.zeros(len(names), num_classes, width))  # one parameter for the group:
         self.bias = nn.Parameter(torch.zeros(len(names), num_classes))  # one gradient, one optimiser update
         self.register_buffer("running_mean", torch.zeros(len(names), width))
         self.register_buffer("running_var", torch.ones(len(names), width))
@@ -59,8 +59,8 @@ class ProbeGroup(nn.Module):
 
     @property
     def weights(self) -> tuple[torch.Tensor, ...]:
-        """Each probe's (D, C) weights: views into the group's parameter."""
-        return self.weight.unbind(0)
+        """Each probe's (D, C) weights: transposed views into the group's (L, C, D) parameter."""
+        return self.weight.mT.unbind(0)
 
     @property
     def biases(self) -> tuple[torch.Tensor, ...]:
@@ -100,7 +100,7 @@ class ProbeGroup(nn.Module):
         target = y.view(1, 1, -1).expand(len(z), 1, -1)
         loss = -logp.gather(1, target).sum() / n
         grad = logp.exp_().scatter_add_(1, target, torch.full_like(target, -1, dtype=z.dtype)).div_(n)
-        grad_w = torch.bmm(grad, centred).mul_(scale[:, None]).mT.contiguous()  # (L, D, C)
+        grad_w = torch.bmm(grad, centred).mul_(scale[:, None])  # (L, C, D), the parameter's layout
         grad_b = grad.sum(2)
         self.weight.grad, self.bias.grad = grad_w, grad_b
         return z.mT.contiguous(), loss  # row-major for the callers' argmax over classes (3x faster than strided)
@@ -117,7 +117,7 @@ class ProbeGroup(nn.Module):
         else:
             centred, var = h.sub_(self.running_mean[:, None]), self.running_var
         scale = torch.rsqrt(var + 1e-5)
-        w = (self.weight * scale[..., None]).mT.contiguous()  # (L, C, D)
+        w = self.weight * scale[:, None]  # (L, C, D)
         return torch.baddbmm(self.bias[..., None], w, centred.mT), centred, scale
 
     def _update(self, mean: torch.Tensor, var: torch.Tensor) -> None:
@@ -134,7 +134,7 @@ class OnlineProbes(nn.Module):
     the taps) and ``evaluate(data)`` to measure every probe on held-out data. Probes start at zero
     and use no randomness; reductions that need randomness use their own seeded generators.
     ``optimizer(groups)`` builds your own optimiser from one parameter group per width group,
-    ``{"params": [weight (L, D, C), bias (L, C)], "names": [layer, ...]}`` (default: Adam with ``lr``).
+    ``{"params": [weight (L, C, D), bias (L, C)], "names": [layer, ...]}`` (default: Adam with ``lr``).
     """
 
     def __init__(self, model: nn.Module, layers: LayerSpec = "all", *, num_classes: int, lr: float = 1e-3,
