@@ -126,8 +126,7 @@ def test_warm_start_from_solution(digits):
     assert abs(near_warm.loss - near_cold.loss) <= 1e-6 * near_cold.loss
     assert max(_max_grad(X, y, near_warm.weights, L2 / 10), _max_grad(X, y, near_cold.weights, L2 / 10)) <= 2e-5
     assert (near_warm.weights.W - near_cold.weights.W).norm() <= 5e-3 * near_cold.weights.W.norm()
-    assert torch.equal((X @ near_warm.weights.W + near_warm.weights.b).argmax(1),
-                       (X @ near_cold.weights.W + near_cold.weights.b).argmax(1))
+    assert torch.equal(near_warm.weights.logits(X).argmax(1), near_cold.weights.logits(X).argmax(1))
 
 
 def test_works_under_no_grad_and_inference_mode(digits):

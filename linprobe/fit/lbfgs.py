@@ -7,7 +7,8 @@ whatever ``P`` is, and the objective is asked for the values of every problem st
 The initial inverse Hessian of each problem is a preconditioner (``apply(g) ~ H^-1 g``), scaled per problem
 by the usual ``s.y / y.M^-1 y`` of the newest pair. The line search is Armijo backtracking with quadratic
 interpolation, a step also taken where Hager and Zhang's approximate Wolfe conditions hold (near the optimum the
-float32 loss stops resolving decreases that its gradient still sees); a pair that would not keep the approximation positive definite (``s.y <= 0``) is not stored.
+float32 loss stops resolving decreases that its gradient still sees); a pair that would not keep the
+approximation positive definite (``s.y <= 0``) is not stored.
 """
 from __future__ import annotations
 

@@ -8,9 +8,9 @@
         probes.step(y)                      # learns from the forward that just ran; no second forward
 
 Probes of equal width are stacked and trained with one batched matmul: the group's weights are one
-(L, C, D) parameter, class-major like ``nn.Linear``'s (``group.weights[i]`` is probe i's (D, C) view), so a step computes one gradient and the
-optimiser makes one update per width group, not one per probe. Nothing here touches the model's parameters,
-gradients, modes, buffers or the global random generator.
+(L, C, D) parameter, class-major like ``nn.Linear``'s (``group.weights[i]`` is probe i's (D, C) view), so a
+step computes one gradient and the optimiser makes one update per width group, not one per probe. Nothing here
+touches the model's parameters, gradients, modes, buffers or the global random generator.
 """
 from __future__ import annotations
 
@@ -201,12 +201,9 @@ class OnlineProbes(nn.Module):
             self._build(feats)
             feats = {n: self.reductions[n](h) for n, h in feats.items()}
         y = self._labels(y, feats)
-        stacked = [g.stack(feats) for g in self._probe_groups()]
-        means = [h.mean(1) for h in stacked]
+        stacked, means = self._stacked(feats)
         if not _all_finite(means):  # a NaN or Inf reaches its feature's batch mean; the per-layer screen only then
-            feats = self._screen(feats, f"training step {self.steps}")
-            stacked = [g.stack(feats) for g in self._probe_groups()]
-            means = [h.mean(1) for h in stacked]
+            stacked, means = self._stacked(self._screen(feats, f"training step {self.steps}"))
         logits, losses = zip(*(g.learn(h, y, mean) for g, h, mean in zip(self._probe_groups(), stacked, means)))
         loss = sum(losses)
         distributed.average_replicas_(self.groups)  # DDP: every rank's probes take the same step
@@ -218,6 +215,11 @@ class OnlineProbes(nn.Module):
             errors = (z.detach().argmax(-1) != y).float().mean(1).tolist()
             logs.update({f"probe/{n}/train_top1_error": e for n, e in zip(g.names, errors)})
         return loss.detach(), logs
+
+    def _stacked(self, feats: Mapping[str, torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Each group's (L, B, D) stack of ``feats`` and its batch means (L, D)."""
+        stacked = [g.stack(feats) for g in self._probe_groups()]
+        return stacked, [h.mean(1) for h in stacked]
 
     @torch.no_grad()
     def evaluate(self, data: Any, *, split: str = "valid", batch_size: int = 256, step: int | None = None) -> ProbeResult:
